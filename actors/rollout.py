@@ -1,0 +1,277 @@
+"""RolloutWorker: a thin Ray actor around one vLLM engine that samples groups of completions and
+takes weight updates from the learner.
+
+The class is plain so the driver chooses its resources::
+
+    Rollout = ray.remote(num_cpus=2, num_gpus=0)(RolloutWorker)        # CPU
+    Rollout = ray.remote(num_gpus=1, resources={"rollout": 1})(RolloutWorker)
+    worker = Rollout.options(name="rollout-0").remote(model_dir, max_model_len=2048, ...)
+
+Calls on one actor run one at a time (a plain, non-async actor), so a weight update never
+overlaps a generate call and every batch is produced by exactly one policy version.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
+GIB = 1 << 30
+# Per-prompt seed stride: vLLM seeds a prompt's n samples seed, seed+1, ..., seed+n-1, so
+# prompts must be far apart or their samples would share random streams.
+SEED_STRIDE = 1_000_003
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                 "max_new_tokens", "min_new_tokens", "seed", "stop"}
+
+
+def make_sampling_params(sampling: dict[str, Any], n: int, prompt_index: int) -> Any:
+    """vLLM SamplingParams from our sampling dict. Unknown keys are an error (a typo such as
+    `max_tokens` would otherwise silently fall back to a default)."""
+    from vllm import SamplingParams
+
+    unknown = set(sampling) - SAMPLING_KEYS
+    if unknown:
+        raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {sorted(SAMPLING_KEYS)}")
+    seed = sampling.get("seed")
+    return SamplingParams(
+        n=n,
+        temperature=float(sampling.get("temperature", 1.0)),
+        top_p=float(sampling.get("top_p", 1.0)),
+        top_k=int(sampling.get("top_k") or 0),  # 0 (or None / -1 upstream) = disabled
+        min_p=float(sampling.get("min_p", 0.0)),
+        repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
+        max_tokens=int(sampling["max_new_tokens"]),
+        min_tokens=int(sampling.get("min_new_tokens", 0)),
+        stop=sampling.get("stop"),
+        seed=None if seed is None else int(seed) + prompt_index * SEED_STRIDE,
+        logprobs=0,  # 0 = just the sampled token's log-prob
+    )
+
+
+def convert_completion(c: Any) -> dict[str, Any]:
+    """One vLLM CompletionOutput -> plain dict (token ids, per-token log-probs, text, reason)."""
+    token_ids = [int(t) for t in c.token_ids]
+    if c.logprobs is None or len(c.logprobs) != len(token_ids):
+        raise RuntimeError("vLLM returned no per-token logprobs; was SamplingParams.logprobs set?")
+    # Each position maps token id -> Logprob for the top-k (here none) plus the sampled token.
+    logprobs = [float(c.logprobs[i][t].logprob) for i, t in enumerate(token_ids)]
+    return {"token_ids": token_ids, "logprobs": logprobs, "text": c.text,
+            "finish_reason": str(c.finish_reason)}
+
+
+def convert_request_output(out: Any) -> list[dict[str, Any]]:
+    """A RequestOutput's completions, in sample-index order."""
+    return [convert_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
+
+
+def _shm_segments() -> set[str]:
+    """Names of Python shared-memory segments (vLLM's ring buffers) in /dev/shm."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+    except OSError:
+        return set()
+
+
+def _mapped_shm_segments() -> set[str]:
+    """Segments some live process still maps (never to be unlinked)."""
+    mapped: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.rsplit("/", 1)[-1].strip() for line in f if "/dev/shm/psm_" in line)
+        except OSError:
+            continue
+    return mapped
+
+
+def _tree_rss_bytes() -> int:
+    """RSS of this process and its descendants (vLLM's engine core and worker processes)."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class RolloutWorker:
+    """One vLLM engine. All weights flow in through `update_weights`; nothing is read back
+    from disk after start-up."""
+
+    GRACE_S = 10.0  # first SIGTERM's wait before a second one (see _stop_engine_processes)
+
+    def __init__(self, model_dir: str, *, max_model_len: int, kv_cache_gib: float,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = True,
+                 dtype: str = "bfloat16", seed: int = 0,
+                 logprobs_mode: str = "raw_logprobs", warmup: bool = True) -> None:
+        """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
+        one NUMA node's free memory and fails on a shared machine); on GPU
+        `gpu_memory_utilization` still bounds the engine. `logprobs_mode`: "raw_logprobs"
+        (default) gives log-probs under the unmodified model distribution (no temperature,
+        top-k/top-p), "processed_logprobs" after them; the learner must recompute the same
+        kind for its importance ratios."""
+        t0 = time.perf_counter()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        # The legacy env var would override the explicit byte count below (and is whole GiB).
+        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            log.info("ignoring VLLM_CPU_KVCACHE_SPACE; using kv_cache_gib=%s", kv_cache_gib)
+        self.max_model_len = int(max_model_len)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        shm_before = _shm_segments()
+        self.llm = LLM(
+            model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
+            max_model_len=self.max_model_len, enforce_eager=enforce_eager,
+            kv_cache_memory_bytes=int(kv_cache_gib * GIB),
+            gpu_memory_utilization=gpu_memory_utilization,
+            worker_extension_cls=EXTENSION, logprobs_mode=logprobs_mode,
+        )
+        # Segments that appeared while our engine started: its ring buffers (or another
+        # engine's, which `shutdown` leaves alone while anything maps them).
+        self._engine_shm = _shm_segments() - shm_before
+        if self.on_cpu:
+            self.llm.collective_rpc("rlsys_init_amx")
+        if warmup:
+            # The first request that asks for logprobs pays a one-off cost (seconds on CPU);
+            # pay it here so the first rollout batch's timing is representative.
+            self.llm.generate([{"prompt_token_ids": [0, 1]}],
+                              make_sampling_params({"max_new_tokens": 2}, 1, 0), use_tqdm=False)
+        self._version = 0
+        self._stats: dict[str, float] = {"generate_calls": 0, "generate_seconds": 0.0,
+                                         "prompt_tokens": 0, "generated_tokens": 0,
+                                         "skipped_prompts": 0, "updates": 0, "update_seconds": 0.0}
+        self._stats["engine_start_seconds"] = time.perf_counter() - t0
+        log.info("vLLM engine for %s up in %.1fs", model_dir, self._stats["engine_start_seconds"])
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages -> prompt token ids, ending with the assistant turn's header."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already holds any BOS/role tokens; do not add specials twice.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, prompts: Sequence[list[dict[str, str]]], sampling: dict[str, Any],
+                 n: int) -> list[dict[str, Any]]:
+        """Sample `n` completions for each chat prompt. Returns one dict per prompt, in order.
+        A prompt with no room for `max_new_tokens` is returned with `skipped` set and no
+        samples instead of failing the batch."""
+        t0 = time.perf_counter()
+        limit = self.max_model_len - int(sampling["max_new_tokens"])
+        results: list[dict[str, Any]] = []
+        todo: list[tuple[int, list[int]]] = []
+        for i, messages in enumerate(prompts):
+            ids = self.encode_prompt(messages)
+            skipped = None if len(ids) <= limit else f"prompt_too_long: {len(ids)} > {limit} tokens"
+            results.append({"prompt_token_ids": ids, "skipped": skipped, "samples": [],
+                            "policy_version": self._version})
+            if skipped is None:
+                todo.append((i, ids))
+        if todo:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for _, ids in todo],
+                [make_sampling_params(sampling, n, i) for i, _ in todo],
+                use_tqdm=False,
+            )
+            for (i, _), out in zip(todo, outputs):
+                results[i]["samples"] = convert_request_output(out)
+        st = self._stats
+        st["generate_calls"] += 1
+        st["generate_seconds"] += time.perf_counter() - t0
+        st["skipped_prompts"] += len(prompts) - len(todo)
+        st["prompt_tokens"] += sum(len(ids) for _, ids in todo)
+        st["generated_tokens"] += sum(len(s["token_ids"]) for r in results for s in r["samples"])
+        return results
+
+    # ------------------------------------------------------------------ weights
+
+    def init_weight_transport(self, host: str, port: int, rank: int, world_size: int,
+                              backend: str = "gloo") -> bool:
+        """Join the learner's broadcast group (blocks until all ranks, sender included, join)."""
+        self.llm.collective_rpc("rlsys_init_weight_transport", args=(host, port, rank, world_size, backend))
+        return True
+
+    def update_weights(self, metas: Iterable[Any], version: int) -> dict[str, Any]:
+        """Receive and load a full set of weights; call `.remote()` before the sender sends.
+        `metas`: TensorMeta or (name, shape, dtype) in the sender's order."""
+        t0 = time.perf_counter()
+        plain = [(m.name, list(m.shape), m.dtype) if hasattr(m, "name") else (m[0], list(m[1]), m[2])
+                 for m in metas]
+        info = self.llm.collective_rpc("rlsys_update_weights", args=(plain, int(version)))[0]
+        # Cached KV blocks were computed by the old weights.
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        info["total_seconds"] = time.perf_counter() - t0
+        self._stats["updates"] += 1
+        self._stats["update_seconds"] += info["total_seconds"]
+        return info
+
+    def policy_version(self) -> int:
+        return self._version
+
+    def weights_digest(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per HF weight name, `actors.vllm_worker_ext.tensor_digest` of the weights the engine
+        computes with (see the extension for how packed CPU weights are read back)."""
+        return self.llm.collective_rpc("rlsys_weights_digest", args=(names,))[0]
+
+    def stats(self) -> dict[str, float]:
+        st = dict(self._stats)
+        secs = st["generate_seconds"]
+        st["generated_tokens_per_s"] = st["generated_tokens"] / secs if secs > 0 else 0.0
+        st["rss_bytes"] = float(_tree_rss_bytes())
+        st["policy_version"] = self._version
+        return st
+
+    def shutdown(self, shutdown_timeout_s: float = 30.0) -> None:
+        """Close the weight group and stop the engine's processes (the actor can then be killed)."""
+        try:
+            self.llm.collective_rpc("rlsys_close_weight_transport")
+        finally:
+            self._stop_engine_processes(shutdown_timeout_s)
+
+    def _stop_engine_processes(self, timeout_s: float) -> None:
+        """Stop vLLM's engine core gracefully so that it unlinks its /dev/shm ring buffers
+        (~400 MB that outlive a killed process).
+
+        LLM has no public shutdown in 0.32, and the engine client's `shutdown()` sends one
+        SIGTERM, allows 5 s (a graceful teardown takes ~6-8 s on CPU: it waits for its
+        worker) and then SIGKILLs. Worse, the engine core sometimes misses the first SIGTERM
+        altogether (its Python handler never runs; seen in about a third of shutdowns here,
+        and a later SIGTERM is handled). So: SIGTERM, wait, SIGTERM again only if it is still
+        running after `GRACE_S` (a second signal during teardown would cut it short), let
+        the client tidy up, and finally unlink this engine's segments if a killed process
+        left them behind.
+        """
+        client = self.llm.llm_engine.engine_core
+        manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+        procs = [p for p in getattr(manager, "processes", None) or [] if p.is_alive() and p.pid]
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(2):
+            for proc in procs:
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+            until = deadline if attempt else min(deadline, time.monotonic() + self.GRACE_S)
+            for proc in procs:
+                proc.join(max(0.0, until - time.monotonic()))
+            if not any(p.is_alive() for p in procs):
+                break
+            log.warning("vLLM engine core still running %.0fs after SIGTERM; signalling again", self.GRACE_S)
+        client.shutdown(timeout=5.0)
+        for name in (self._engine_shm & _shm_segments()) - _mapped_shm_segments():
+            log.warning("removing leaked vLLM shared memory /dev/shm/%s", name)
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass

@@ -1,0 +1,234 @@
+"""DeepSpeed GRPO learner: one instance per data-parallel rank.
+
+Plain Python on purpose: the driver wraps the class with `ray.remote(num_cpus=..., num_gpus=...)`
+and creates one actor per rank, so it can also be driven by hand (tests, torchrun-style).
+Every method that touches parameters is a collective under ZeRO-3 (forward, backward, gathers):
+all ranks must call it, in the same order, with micro-batch counts agreed across ranks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+
+from learners import checkpoint_io
+from learners.engine_setup import LogprobModule, ds_config, load_hf, load_reference, model_dtype
+from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
+from learners.step_metrics import StepStats
+from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params
+from rlsys.algorithms import POLICY_LOSSES
+from rlsys.config import AlgorithmConfig, LearnerConfig
+from rlsys.weight_sync import TensorMeta, WeightTransport, make_transport
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedLearner:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str,
+                 learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, seed: int,
+                 dtype: str | None = None):
+        """`dtype`: weights' dtype (ModelConfig.dtype); None keeps the checkpoint's own."""
+        t0 = time.perf_counter()
+        self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
+        self.lc, self.ac = learner_cfg, algo_cfg
+        # Ray gives a GPU actor only its own device (CUDA_VISIBLE_DEVICES), so it is index 0 there.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port),
+                          LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        self.init_timings = {"dist": time.perf_counter() - t0}
+        torch.manual_seed(seed)
+        self.dtype = model_dtype(model_dir, dtype)
+        self.zero3 = learner_cfg.zero_stage == 3
+
+        model = load_hf(model_dir, self.dtype, learner_cfg, train=True)
+        if learner_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pad = model.config.pad_token_id
+        self.pad_id = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
+        policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens)
+        optim = torch.optim.AdamW(policy.parameters(), lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
+                                               config=ds_config(learner_cfg, self.dtype, train=True))
+        self.device = self.engine.device
+        self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
+        self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device) if algo_cfg.kl_coef > 0 else None
+        self.init_timings["reference"] = time.perf_counter() - t0 - sum(self.init_timings.values())
+        self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
+        self.transport: WeightTransport | None = None
+        self.init_seconds = time.perf_counter() - t0
+        log.info("rank %d: learner ready in %.1fs (ZeRO-%d, %s): %s", rank, self.init_seconds,
+                 learner_cfg.zero_stage, self.dtype, self.init_timings)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.engine.module.model
+
+    # ------------------------------------------------------------------ training
+
+    def _forward(self, fn: nn.Module, m: MicroBatch, num_chunks: int, with_entropy: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = self.device
+        return fn(m.input_ids.to(d), m.attention_mask.to(d), m.target_mask.to(d), num_chunks, with_entropy)
+
+    def _agree(self, mbs: list[MicroBatch]) -> tuple[list[MicroBatch], list[int], float, float]:
+        """Pad every rank to the same micro-batch count and head-chunk counts (ZeRO-3 needs
+        identical collectives everywhere) and sum the step's loss tokens and sequences."""
+        n = torch.tensor([len(mbs)], dtype=torch.int64)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        mbs = mbs + [filler_micro_batch(self.pad_id) for _ in range(max(int(n), 1) - len(mbs))]
+        chunks = torch.tensor([m.needed_chunks(self.lc.logprob_chunk_tokens) for m in mbs], dtype=torch.int64)
+        dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
+        totals = torch.tensor([sum(m.n_tokens for m in mbs), sum(m.n_real for m in mbs)], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return mbs, chunks.tolist(), float(totals[0]), float(totals[1])
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One GRPO update on this rank's share of the step batch; every rank calls it together.
+
+        batch: `input_ids` (prompt + response token lists, unpadded), `prompt_lens`,
+        `advantages` (one per sequence); optional `loss_mask` (per sequence, one 0/1 per response
+        token or per token of input_ids; None = every response token) and `behaviour_logprobs`
+        (the sampler's log-prob per response token, for the mismatch metric); `global_tokens` /
+        `global_sequences` (step totals; checked against what the ranks hold, which wins).
+        Returns metrics reduced over ranks, identical on every rank. Loss arithmetic: see
+        learners.microbatches.
+        """
+        t0 = time.perf_counter()
+        mbs, chunks, g_tokens, g_seqs = self._agree(build_micro_batches(batch, self.lc.micro_batch_size, self.pad_id))
+        for key, mine in (("global_tokens", g_tokens), ("global_sequences", g_seqs)):
+            if key in batch and int(batch[key]) != int(mine) and self.rank == 0:
+                log.warning("%s=%s in the batch but the ranks hold %d; using %d", key, batch[key], mine, mine)
+        denominator = g_tokens if self.ac.loss_agg == "token_mean" else g_seqs
+        stats = StepStats(self.ac.ppo_epochs)
+        if denominator == 0:  # nothing to learn from; identical decision on every rank
+            return stats.reduce(g_tokens, g_seqs, len(mbs), time.perf_counter() - t0)
+
+        # Old log-probs: the policy before this step's update. With one epoch they equal the
+        # first (and only) training forward exactly, so that forward's detached output serves
+        # and a whole no-grad pass is saved; with more epochs they are computed up front.
+        separate_old = self.ac.ppo_epochs > 1
+        old: list[torch.Tensor] = []
+        ref: list[torch.Tensor] = []
+        with torch.no_grad():
+            if separate_old:
+                self.engine.eval()
+                for m, k in zip(mbs, chunks):
+                    lp, ent = self._forward(self.engine, m, k, with_entropy=True)
+                    old.append(lp)
+                    stats.add_old_pass(m, lp.cpu(), ent.cpu())
+                stats.mark("time/learner_old_logprobs")
+            if self.ref is not None:
+                ref = [self._forward(self.ref, m, k)[0] for m, k in zip(mbs, chunks)]
+                stats.mark("time/learner_ref_logprobs")
+
+        self.engine.train()
+        scale = backward_scale(self.world_size)
+        for _ in range(self.ac.ppo_epochs):
+            for i, (m, k) in enumerate(zip(mbs, chunks)):
+                lp, ent = self._forward(self.engine, m, k, with_entropy=not separate_old)
+                if not separate_old:
+                    old.append(lp.detach())
+                    stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
+                loss, met = self.loss_fn(
+                    lp, old[i], m.advantages.to(self.device), m.loss_mask.to(self.device),
+                    ref[i] if ref else None, clip_low=self.ac.clip_low, clip_high=self.ac.clip_high,
+                    kl_coef=self.ac.kl_coef, kl_estimator=self.ac.kl_estimator,
+                    loss_agg=self.ac.loss_agg, denominator=denominator)
+                self.engine.backward(loss * scale, scale_wrt_gas=False)
+                stats.add_micro_batch(met, m.n_tokens)
+            self.engine.step()
+            stats.add_grad_norm(self.engine.get_global_grad_norm())
+        stats.mark("time/learner_update")
+        return stats.reduce(g_tokens, g_seqs, len(mbs), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ weights out
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        # named_parameters() drops duplicates: with tied embeddings only
+        # model.embed_tokens.weight appears, which is what vLLM loads (it skips lm_head.*).
+        return list(self.hf_model.named_parameters())
+
+    def weight_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(HF name, full shape, dtype) of every parameter, in the order broadcast_weights sends."""
+        return [(n, full_shape(p), dtype_name(p)) for n, p in self._named_params()]
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the weight-broadcast group as its rank 0 (blocks until every receiver has
+        joined, so the driver calls this concurrently with the receivers); other ranks: no-op."""
+        if self.rank == 0:
+            device = "cpu" if self.device.type == "cpu" else str(self.device)
+            self.transport = make_transport(host, port, 0, world_size, backend, device)
+
+    def broadcast_weights(self) -> dict[str, float]:
+        """All ranks: gather bucket by bucket; rank 0 streams the full tensors to the receivers."""
+        t0 = time.perf_counter()
+        named = self._named_params()
+        metas = [TensorMeta(n, full_shape(p), dtype_name(p)) for n, p in named]
+        tensors = iter_full_params([p for _, p in named], rank=self.rank, zero3=self.zero3)
+        try:
+            if self.rank == 0 and self.transport is not None:
+                self.transport.send(metas, tensors)
+        finally:
+            for _ in tensors:  # other ranks, and a rank 0 whose send failed, still join every gather
+                pass
+        if self.rank == 0 and self.transport is None:
+            raise RuntimeError("broadcast_weights before init_weight_sync")
+        nbytes = sum(full_numel(p) * p.element_size() for _, p in named)
+        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes), "tensors": float(len(metas))}
+
+    def gathered_digest(self, names: list[str] | None = None) -> dict[str, list[float]]:
+        """All ranks call; rank 0 returns {name: [sum_f64, v[0], v[numel//2], v[-1]]} of the full
+        parameters (values in the parameter's dtype, as float64); other ranks return {}.
+        `names` may include aliases such as a tied lm_head.weight."""
+        every = dict(self.hf_model.named_parameters(remove_duplicate=False))
+        names = [n for n, _ in self._named_params()] if names is None else list(names)
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise KeyError(f"unknown parameter names: {unknown[:5]}")
+        # Gather each distinct parameter once (a tied alias would otherwise be gathered twice).
+        unique = list({id(every[n]): every[n] for n in names}.values())
+        values = iter_full_params(unique, rank=self.rank, zero3=self.zero3)
+        by_id = {id(p): digest(t) for p, t in zip(unique, values) if t is not None}
+        return {n: by_id[id(every[n])] for n in names} if self.rank == 0 else {}
+
+    def save_hf(self, path: str) -> str:
+        """All ranks call; rank 0 writes a Hugging Face directory (safetensors, config, tokenizer)."""
+        if self.zero3:
+            # DeepSpeed's consolidation: gathers one module at a time onto rank 0's CPU.
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            state = {k.removeprefix("model."): v for k, v in state.items()}  # drop LogprobModule's prefix
+            checkpoint_io.write_hf_dir(self.hf_model, state, self.model_dir, path)
+        dist.barrier()
+        return path
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint (partitioned weights + optimizer state) for exact resume."""
+        self.engine.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.engine.load_checkpoint(path)
+
+    def peak_rss_gib(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def shutdown(self) -> None:
+        """Local to this rank (no collective): the driver may call the ranks one after another,
+        and a rank may already be gone."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        self.engine = self.ref = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Building the DeepSpeed engines: the wrapped module, the DeepSpeed config, model loading."""
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from learners.logprobs import chunked_logprobs
+from rlsys.config import LearnerConfig
+
+
+class LogprobModule(nn.Module):
+    """The module DeepSpeed wraps: HF model + chunked log-prob head in one forward.
+
+    ZeRO-3 resets its parameter-prefetch trace in a hook on the *top* module's forward, so the
+    whole computation (decoder and the repeated lm_head calls) has to run inside one call of
+    the engine rather than by calling the HF submodules from outside.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                num_chunks: int, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lp, ent = chunked_logprobs(self.model, input_ids, attention_mask, self.chunk_tokens,
+                                   target_mask=target_mask, num_chunks=num_chunks, with_entropy=with_entropy)
+        return lp, ent  # ent is None unless with_entropy
+
+
+def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool) -> dict[str, Any]:
+    """DeepSpeed config of the policy (`train`) or of the frozen reference engine."""
+    zero: dict[str, Any] = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets save_hf consolidate
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 30,  # keep DeepSpeed's progress lines out of the actor logs
+        "wall_clock_breakdown": False,
+    }
+    if train:
+        # The caller owns the accumulation boundary: any number of backward() calls, then one
+        # step(). No fixed gradient_accumulation_steps to keep in sync with a varying batch.
+        cfg.update(gradient_clipping=lc.grad_clip, managed_gradient_accumulation=False)
+        if dtype == torch.bfloat16 and lc.zero_stage >= 1:
+            # Sum micro-batch gradients in fp32, not bf16 (8 mantissa bits lose small updates).
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
+def model_dtype(model_dir: str, dtype: str | None) -> torch.dtype:
+    """`dtype` by name, or the checkpoint's own when None."""
+    if dtype is None:
+        cfg = AutoConfig.from_pretrained(model_dir)
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
+
+
+def load_hf(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, *, train: bool) -> nn.Module:
+    """Load the checkpoint; under ZeRO-3 straight into partitions (deepspeed.zero.Init via
+    transformers' HfDeepSpeedConfig), so no rank ever holds a full copy of the model."""
+    hf_ds = None
+    if lc.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        # transformers keeps only a weak reference: the object enables ZeRO-3 loading while it
+        # lives, and dropping it right after leaves save_pretrained etc. unaffected.
+        hf_ds = HfDeepSpeedConfig(ds_config(lc, dtype, train=train))
+    # (No config.use_cache=False: it would be saved into checkpoints; the log-prob code passes
+    # use_cache=False per call.)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    del hf_ds
+    return model
+
+
+def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device: torch.device) -> nn.Module:
+    """Frozen copy of the initial policy: no optimizer, no gradients; ZeRO-3-partitioned like the
+    policy under stage 3 (1/W of a model per rank), else a plain module on `device`."""
+    ref = load_hf(model_dir, dtype, lc, train=False)
+    ref.requires_grad_(False)
+    module = LogprobModule(ref, lc.logprob_chunk_tokens).eval()
+    if lc.zero_stage != 3:
+        return module.to(device)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config(lc, dtype, train=False))
+    engine.eval()
+    return engine

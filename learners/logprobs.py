@@ -1,0 +1,115 @@
+"""Per-token log-probabilities without materialising a micro-batch's full-vocabulary logits.
+
+A 49k-token vocabulary makes fp32 logits the largest tensor in training by far
+(B x T x V x 4 bytes: 16 x 400 x 49152 x 4 = 1.26 GB per micro-batch, plus as much again for
+log_softmax's saved output and its gradient). Here the decoder runs once, then `lm_head` is
+applied to at most `chunk_tokens` positions at a time; each chunk keeps only the gathered
+target log-prob (and optionally the entropy) and drops its logits.
+
+With gradient, each chunk runs under `torch.utils.checkpoint`: the chunk's logits are freed
+after the forward and recomputed, one chunk at a time, during backward. Without it, autograd
+would keep every chunk's logits alive until backward and nothing would be saved.
+
+Only the target positions actually needed (by default every non-padding one) go through
+`lm_head`: prompt tokens need no log-prob in GRPO, which skips a large share of the head's work.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def num_chunks_for(n_positions: int, chunk_tokens: int) -> int:
+    """Chunks needed for `n_positions` target positions (at least one)."""
+    return max(1, -(-n_positions // chunk_tokens))
+
+
+def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (and the entropy) for rows of `hidden` ([n, H]); logits exist only here."""
+    # lm_head in the model's dtype, like vLLM's sampler and HF's loss; softmax statistics in fp32.
+    logits = head(hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)  # log_softmax without a second [n, V] tensor
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # a metric: no gradient, nothing kept for backward
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     chunk_tokens: int, *, target_mask: torch.Tensor | None = None,
+                     num_chunks: int | None = None, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B, T-1], entropy [B, T-1] or None) of a Hugging Face causal LM.
+
+    Position t holds log p(input_ids[:, t+1] | input_ids[:, :t+1]). Positions outside
+    `target_mask` ([B, T-1] bool; default: the target token is not padding) are 0 and cost
+    nothing. Expects right padding (positions are counted from 0 for each row).
+
+    `num_chunks` forces the number of `lm_head` calls (must be >= what `chunk_tokens` needs).
+    Under ZeRO-3 each call all-gathers the head's weight, so data-parallel ranks must make the
+    same number of calls; the learner agrees on it across ranks and passes it here.
+    """
+    b, t = input_ids.shape
+    if t < 2:
+        raise ValueError("need at least 2 tokens per row to have a next-token target")
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    if target_mask is None:
+        target_mask = attention_mask[:, 1:].bool()
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    flat_h = rows * t + cols          # hidden state that predicts ...
+    flat_y = flat_h + 1               # ... this token, both indices into the [B*T] flattening
+    n = flat_h.numel()
+    k = num_chunks_for(n, chunk_tokens)
+    if num_chunks is not None:
+        if num_chunks < k:
+            raise ValueError(f"num_chunks={num_chunks} < {k} needed for {n} positions")
+        k = num_chunks
+    # Every chunk gets at least one row (position 0 repeated, results dropped), so each of the
+    # k head calls does real work and an identical autograd graph shape on every rank.
+    pad = max(0, k - n)
+    idx_h = torch.cat([flat_h, flat_h.new_zeros(pad)])
+    idx_y = torch.cat([flat_y, flat_y.new_ones(pad)])
+    hidden_flat = hidden.reshape(b * t, -1)
+    ids_flat = input_ids.reshape(-1)
+    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    lps, ents = [], []
+    for ih, iy in zip(idx_h.tensor_split(k), idx_y.tensor_split(k)):
+        h, y = hidden_flat.index_select(0, ih), ids_flat.index_select(0, iy)
+        if use_ckpt:
+            lp, ent = checkpoint(_head_logprobs, head, h, y, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(head, h, y, with_entropy)
+        lps.append(lp)
+        ents.append(ent)
+    logp_sel = torch.cat(lps)[:n]
+    out = logp_sel.new_zeros(b * (t - 1))
+    # index_copy is differentiable w.r.t. the copied values; positions are re-based to [B, T-1].
+    dest = rows * (t - 1) + cols
+    logp = out.index_copy(0, dest, logp_sel).view(b, t - 1)
+    entropy = None
+    if with_entropy:
+        ent_sel = torch.cat(ents)[:n]
+        entropy = ent_sel.new_zeros(b * (t - 1)).index_copy(0, dest, ent_sel).view(b, t - 1)
+    return logp, entropy
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   chunk_tokens: int, *, target_mask: torch.Tensor | None = None,
+                   num_chunks: int | None = None) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | prefix) as [B, T-1] float32; see `chunked_logprobs`."""
+    return chunked_logprobs(model, input_ids, attention_mask, chunk_tokens,
+                            target_mask=target_mask, num_chunks=num_chunks)[0]
+
+
+def naive_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (full logits at once); for tests only."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * attention_mask[:, 1:]

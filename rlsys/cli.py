@@ -1,0 +1,98 @@
+"""`rlsys` command line: train, data synth, judge score, config-help.
+
+Configuration and data problems are reported as one readable message and exit code 2, before
+any cluster is started.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE = """rlsys <command> ...
+  train <recipe.yaml> [section.key=value ...]   run GRPO (starts or joins Ray)
+  data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data
+  judge score <judge.yaml> --input F --output F score stories with an LLM judge
+  config-help                                   every config key with its docstring"""
+
+
+def _setup_logging(log_file: str | None = None) -> None:
+    """INFO to the console and, for `train`, everything to the run's train.log. The per-step
+    metric lines go to the file only: on the console the progress bar shows them."""
+    console = logging.StreamHandler()
+    handlers: list[logging.Handler] = [console]
+    if log_file:
+        console.addFilter(lambda record: record.name != "rlsys.tracking")
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _config_help() -> int:
+    from pydantic import BaseModel
+
+    from rlsys.config import RunConfig
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            doc = " ".join((field.description or "").split())
+            print(f"{prefix}{name}  ({default})\n    {doc}")
+    walk(RunConfig, "")
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rlsys train")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    from rlsys.config import ConfigError, load_config
+    from rlsys.data.episodebench import DataError
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rlsys: {e}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    _setup_logging(str(Path(cfg.train.output_dir) / "train.log"))
+    from rlsys.train import train
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    try:
+        with logging_redirect_tqdm():
+            train(cfg)
+    except (DataError, ValueError) as e:
+        logging.getLogger("rlsys").error("%s", e)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return _train(rest)
+    if cmd == "data" and rest[:1] == ["synth"]:
+        _setup_logging()
+        from rlsys.data.synth import synth_main
+        return synth_main(rest[1:]) or 0
+    if cmd == "judge":
+        _setup_logging()
+        from rlsys.judge.cli import main as judge_main
+        return judge_main(rest)
+    if cmd == "config-help":
+        return _config_help()
+    print(f"rlsys: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

