@@ -74,6 +74,27 @@ def test_resolve_smollm2_converts_once(tmp_path: Path) -> None:
     assert time.perf_counter() - t0 < 0.5
 
 
+# ----------------------------------------------------------------------------- conversions
+
+def test_convert_request_output_and_sampling_params() -> None:
+    from types import SimpleNamespace as NS
+
+    from actors.rollout_convert import SEED_STRIDE, convert_request_output, make_sampling_params
+
+    def completion(index: int, ids: list[int]) -> NS:
+        lps = [{t: NS(logprob=-0.5 * (k + 1)), 999: NS(logprob=-9.0)} for k, t in enumerate(ids)]
+        return NS(index=index, token_ids=ids, logprobs=lps, text="x" * len(ids), finish_reason="length")
+
+    out = convert_request_output(NS(outputs=[completion(1, [7, 8]), completion(0, [5])]))
+    assert [s["token_ids"] for s in out] == [[5], [7, 8]]  # sample-index order
+    assert out[1]["logprobs"] == [-0.5, -1.0] and out[1]["finish_reason"] == "length"
+
+    sp = make_sampling_params({"max_new_tokens": 9, "seed": 3, "top_k": 5}, n=4, prompt_index=2)
+    assert (sp.n, sp.max_tokens, sp.top_k, sp.logprobs, sp.seed) == (4, 9, 5, 0, 3 + 2 * SEED_STRIDE)
+    with pytest.raises(ValueError, match="max_tokens"):
+        make_sampling_params({"max_new_tokens": 1, "max_tokens": 1}, n=1, prompt_index=0)
+
+
 # ----------------------------------------------------------------------------- e2e
 
 def _free_port() -> int:
