@@ -11,7 +11,8 @@ import sys
 
 USAGE = """rlsys <command> ...
   train <recipe.yaml> [section.key=value ...]   run GRPO (starts or joins Ray)
-  data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data
+  data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data (recipe A)
+  data synth-polaris --out DIR [--n N] [--seed S] synthetic prompt/story data (recipe B)
   judge score <judge.yaml> --input F --output F score stories with an LLM judge
   config-help                                   every config key with its docstring"""
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         from rlsys.data.synth import synth_main
         return synth_main(rest[1:]) or 0
+    if cmd == "data" and rest[:1] == ["synth-polaris"]:
+        _setup_logging()
+        from rlsys.data.polaris import polaris_synth_main
+        return polaris_synth_main(rest[1:]) or 0
     if cmd == "judge":
         _setup_logging()
         from rlsys.judge.cli import main as judge_main

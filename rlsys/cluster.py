@@ -40,10 +40,19 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+_started_here = False
+
+
 def connect(cfg: ClusterConfig) -> None:
-    """ray.init: join an existing cluster or start a private local head."""
+    """ray.init: join an existing cluster or start a private local head. Inside a process
+    where Ray is already initialised (a notebook, a test session) that Ray is used as is."""
     import ray
 
+    global _started_here
+    if ray.is_initialized():
+        log.info("using the Ray this process is already connected to")
+        return
+    _started_here = True
     for k, v in ACTOR_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -60,6 +69,10 @@ def connect(cfg: ClusterConfig) -> None:
 
 
 def shutdown() -> None:
+    """Disconnect what `connect` connected (a Ray that was there before is left running)."""
     import ray
-    if ray.is_initialized():
+
+    global _started_here
+    if _started_here and ray.is_initialized():
         ray.shutdown()
+    _started_here = False

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rewards.groups import group_is_usable
 from rlsys.batching import split_for_ranks
 from rlsys.cluster import ACTOR_ENV_DEFAULTS, free_port
 from rlsys.config import RunConfig
@@ -69,7 +70,13 @@ class GRPORun:
                                             seed=cfg.seed + i)
                          for i in range(rc.num_actors)]
         reward_cls = ray.remote(num_cpus=cfg.reward.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
-        self.rewarders = [reward_cls.remote(cfg.reward) for _ in range(cfg.reward.num_actors)]
+        # The judge config is read here, on the driver, so a bad file fails before any actor
+        # starts and workers on other nodes need no copy of it.
+        judge_cfg = None
+        if cfg.reward.recipe == "polaris":
+            from rlsys.judge import load_judge_config
+            judge_cfg = load_judge_config(cfg.reward.judge).model_dump(mode="json")
+        self.rewarders = [reward_cls.remote(cfg.reward, judge_cfg) for _ in range(cfg.reward.num_actors)]
         ray.get([a.__ray_ready__.remote() for a in self.learners + self.rollouts + self.rewarders])
         self._init_weight_sync()
 
@@ -122,7 +129,7 @@ class GRPORun:
             for (e, o), scored in zip(kept, ray.get(ref)):
                 valid = scored.pop("valid", None) or [True] * len(o["samples"])
                 reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
-                if sum(valid) < 2:  # no group statistics from fewer than 2 scored samples
+                if not group_is_usable(valid):  # no group statistics from fewer than 2 scored samples
                     dropped += 1
                     continue
                 groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
@@ -155,13 +162,20 @@ class GRPORun:
         ray.get(refs)
         return {"time/sync": time.perf_counter() - t0}
 
+    def judge_metrics(self) -> dict[str, float]:
+        """Judge counters summed over reward actors ({} without a judge)."""
+        from actors.reward import merge_judge_metrics
+        return merge_judge_metrics(ray.get([r.judge_metrics.remote() for r in self.rewarders]))
+
     def save(self, path: str) -> str:
+        """HF checkpoint from the learner; the judge caches go with it."""
         ray.get([lr.save_hf.remote(path) for lr in self.learners])
+        ray.get([r.save_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
         return path
 
     def shutdown(self) -> None:
         """Stop engines cleanly first (they unlink their shared-memory buffers), then kill."""
-        for a in self.rollouts + self.learners:
+        for a in self.rollouts + self.learners + self.rewarders:
             try:
                 ray.get(a.shutdown.remote(), timeout=60)
             except Exception as e:  # the run is over; a dead actor must not hide the result

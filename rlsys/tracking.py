@@ -14,6 +14,9 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int64(), "sample": pa.int64(),
+                 "policy_version": pa.int64(), "text": pa.string(), "finish_reason": pa.string(),
+                 "valid": pa.bool_(), "mask_reason": pa.string(), "response_tokens": pa.int64()}
 # metric -> progress-bar label
 SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc", "reward/len": "len",
                 "reward/div": "div", "reward/sq": "sq", "loss/total": "loss", "loss/kl": "kl",
@@ -45,16 +48,20 @@ class RunTracker:
 
     def log_rollouts(self, samples: list[dict], step: int) -> None:
         """Append this step's samples (with all reward channels) to rollouts.parquet."""
+        if not samples:  # every group dropped this step: nothing to write
+            return
         rows = []
         for s in samples:
             row = {k: s.get(k) for k in ROLLOUT_COLUMNS if k not in ("step", "response_tokens")}
             row.update({k: None if v is None else float(v) for k, v in s.items() if k.startswith("reward_")})
             row["step"], row["response_tokens"] = step, len(s["token_ids"])
             rows.append(row)
-        table = pa.Table.from_pylist(rows)
         if self._rollouts is None:
-            self._rollouts = pq.ParquetWriter(str(self.dir / "rollouts.parquet"), table.schema)
-        self._rollouts.write_table(table.cast(self._rollouts.schema))
+            # Fixed types: a first step whose mask_reason or a channel is all None must not fix
+            # that column's type as null for the whole run.
+            fields = [pa.field(k, ROLLOUT_TYPES.get(k, pa.float64())) for k in rows[0]]
+            self._rollouts = pq.ParquetWriter(str(self.dir / "rollouts.parquet"), pa.schema(fields))
+        self._rollouts.write_table(pa.Table.from_pylist(rows, schema=self._rollouts.schema))
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 from rlsys import cluster
 from rlsys.batching import assign_advantages
 from rlsys.config import RunConfig
-from rlsys.data.episodebench import load_examples
+from rlsys.data.loading import load_for_config
 from rlsys.models import resolve_model
 from rlsys.tracking import RunTracker
 
@@ -45,7 +45,8 @@ def grpo_step(run, examples: list, cfg: RunConfig, channels: list[str]) -> tuple
     samples = [s for g in groups for s in g]
     # Masked samples (reward unavailable) stay out of the loss as well as the statistics.
     trainable = [s for s in samples if s["valid"]]
-    metrics = {**step_metrics(groups, channels), **timing, **run.train(trainable), **run.sync_weights()}
+    metrics = {**step_metrics(groups, channels), **timing, **run.train(trainable), **run.sync_weights(),
+               **run.judge_metrics()}
     metrics["time/step"] = time.perf_counter() - t0
     metrics["policy_version"] = float(run.version)
     return samples, metrics
@@ -56,7 +57,7 @@ def train(cfg: RunConfig) -> Path:
 
     t_start = time.perf_counter()
     model_dir = resolve_model(cfg.model.path)
-    examples = load_examples(cfg.data.path, split=cfg.data.split, limit=cfg.data.limit)
+    examples = load_for_config(cfg.data)
     if len(examples) < cfg.rollout.prompts_per_step:
         raise ValueError(f"data.path has {len(examples)} prompts, fewer than rollout.prompts_per_step "
                          f"({cfg.rollout.prompts_per_step})")

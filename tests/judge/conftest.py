@@ -33,9 +33,10 @@ def judge_server() -> Callable[..., FakeJudgeServer]:
         srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One small local Ray for all Ray tests (own temp dir; shut down, never `ray stop`)."""
+    """A small local Ray per test module (own temp dir; shut down, never `ray stop`). Module
+    scope, not session: the other Ray tests of the suite start Rays of their own."""
     import ray
 
     os.environ[TEST_KEY_ENV] = TEST_KEY  # workers inherit the raylet's env, started here

@@ -77,4 +77,6 @@ def test_fatal_error_crosses_ray_cleanly(ray_local, judge_server):
         with pytest.raises(JudgeFatalError) as err:
             scorer.score_items([story(i) for i in range(40)])
     assert str(err.value).startswith("judge 'fatal': HTTP 401") and TEST_KEY not in str(err.value)
-    assert len(srv.arrivals) <= 4  # the other chunks were cancelled, not left hammering
+    # The other chunks were cancelled, not left hammering: of 40 stories only the requests
+    # already in flight (or racing the cancellation) reached the server.
+    assert len(srv.arrivals) <= 8

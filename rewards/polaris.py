@@ -1,0 +1,148 @@
+"""Rule channels of recipe B (POLARIS): self-repetition, length and blank penalties.
+
+Pure module (no Ray, vLLM or HTTP), like the rest of ``rewards/``. Every function takes the raw
+policy output; only the story -- the text after the last ``</think>`` -- is measured, exactly the
+part the judge grades (an output that opens ``<think>`` and never closes it has no story).
+
+Channels (all >= 0; the recipe's negative weights turn them into penalties):
+
+* ``len_pen`` -- target t from the prompt. No penalty inside
+  ``[t - clip(0.15 t, 350, 1000), t + clip(0.25 t, 600, 1500)]``; below the band
+  ``1 - wc/lower``; above it ``min(1, wc/upper - 1)``. Words are whitespace-separated tokens.
+* ``blank`` -- 1.0 if the story has fewer than 150 words or fewer than 10 % visible characters
+  (printable, non-whitespace) among the characters after ``</think>``, else 0.0.
+* ``rep`` -- self-repetition, our definition (RECIPES.md names only the ingredients)::
+
+      rep = min(1.5, ngram + local + lines)
+      ngram = 1 - distinct/total over the story's word 4-grams (words: lower-cased \\w+ runs)
+      local = the same ratio in the worst window of 100 words (stride 50; the whole story if
+              shorter), so a loop in one part of a long story is not diluted by the rest
+      lines = share of lines (>= 3 words, compared lower-cased on their words) repeating an
+              earlier line: copy-pasted paragraphs and refrains
+
+  Each part is in [0, 1). Natural prose scores a few hundredths; a story stuck in a loop scores
+  near 1 on every part, so the sum is capped at 1.5 (with weight -1.5 at most -2.25 reward).
+"""
+from __future__ import annotations
+
+import re
+
+from rewards.judge_rubric import prompt_text as _prompt_text
+
+__all__ = ["REP_CAP", "story_part", "word_count", "target_word_count", "length_bounds", "length_penalty",
+           "blank_penalty", "repeated_ngram_ratio", "local_repetition_ratio", "duplicate_line_ratio",
+           "self_repetition", "polaris_rule_channels"]
+
+_THINK_END = "</think>"
+# "approximately 1,500 words long": thousands separators are allowed, else "1,500" would read as 500.
+_TARGET = re.compile(r"(\d[\d,]*)\s*words?\s+long", re.IGNORECASE)
+_WORD = re.compile(r"\w+")
+
+BLANK_MIN_WORDS = 150
+BLANK_MIN_VISIBLE_SHARE = 0.10
+NGRAM = 4
+WINDOW_WORDS, WINDOW_STRIDE = 100, 50
+MIN_LINE_WORDS = 3  # shorter lines ("Yes.", "* * *") legitimately recur
+REP_CAP = 1.5
+
+
+def story_part(output: str) -> str:
+    """The raw text after the last ``</think>`` (unstripped; ``visible_story`` is its strip).
+
+    An output with ``<think>`` and no closing tag is all (truncated) reasoning: no story.
+    """
+    if _THINK_END in output:
+        return output.rsplit(_THINK_END, 1)[1]
+    return "" if "<think>" in output else output
+
+
+def word_count(output: str) -> int:
+    """Whitespace-separated words of the story part."""
+    return len(story_part(output).split())
+
+
+def target_word_count(prompt_text: str) -> int | None:
+    """Requested length from "... N words long" (the first such phrase); None if absent or 0."""
+    m = _TARGET.search(prompt_text)
+    if not m:
+        return None
+    n = int(m.group(1).replace(",", ""))
+    return n or None
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, x))
+
+
+def length_bounds(target: int) -> tuple[float, float]:
+    """The no-penalty band ``[lower, upper]`` for a target of ``target`` words."""
+    return target - _clip(0.15 * target, 350, 1000), target + _clip(0.25 * target, 600, 1500)
+
+
+def length_penalty(story: str, target: int | None) -> float:
+    """0 inside the band, rising linearly to 1 for an empty story / a story 2x the upper edge.
+
+    No target, no penalty. For targets up to 350 words the lower edge t - 350 is <= 0, so there
+    is no "too short" side; the blank penalty still punishes stories under 150 words.
+    """
+    if not target or target <= 0:
+        return 0.0
+    wc = word_count(story)
+    lower, upper = length_bounds(target)
+    if lower > 0 and wc < lower:
+        return 1.0 - wc / lower
+    if wc > upper:
+        return min(1.0, wc / upper - 1.0)
+    return 0.0
+
+
+def blank_penalty(story: str) -> float:
+    """1.0 for a (nearly) blank story: < 150 words, or < 10 % visible characters after ``</think>``."""
+    raw = story_part(story)
+    if len(raw.split()) < BLANK_MIN_WORDS:
+        return 1.0
+    visible = sum(1 for ch in raw if ch.isprintable() and not ch.isspace())
+    return 1.0 if visible < BLANK_MIN_VISIBLE_SHARE * len(raw) else 0.0
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def repeated_ngram_ratio(words: list[str], n: int = NGRAM) -> float:
+    """``1 - distinct/total`` over the word n-grams; 0.0 when there is no n-gram."""
+    total = len(words) - n + 1
+    if total <= 0:
+        return 0.0
+    return 1.0 - len({tuple(words[i:i + n]) for i in range(total)}) / total
+
+
+def local_repetition_ratio(words: list[str], window: int = WINDOW_WORDS, stride: int = WINDOW_STRIDE) -> float:
+    """The repeated-n-gram ratio of the worst window (the last window is aligned to the end)."""
+    if len(words) <= window:
+        return repeated_ngram_ratio(words)
+    starts = list(range(0, len(words) - window + 1, stride))
+    if starts[-1] != len(words) - window:
+        starts.append(len(words) - window)
+    return max(repeated_ngram_ratio(words[s:s + window]) for s in starts)
+
+
+def duplicate_line_ratio(text: str, min_words: int = MIN_LINE_WORDS) -> float:
+    """Share of lines with >= ``min_words`` words that repeat an earlier such line."""
+    lines = [" ".join(w) for w in map(_words, text.splitlines()) if len(w) >= min_words]
+    return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
+
+
+def self_repetition(story: str) -> float:
+    """``min(1.5, ngram + local + lines)`` of the story part (module docstring)."""
+    text = story_part(story)
+    words = _words(text)
+    return min(REP_CAP, repeated_ngram_ratio(words) + local_repetition_ratio(words) + duplicate_line_ratio(text))
+
+
+def polaris_rule_channels(story: str, prompt_text: str | list[dict], target: int | None = None) -> dict[str, float]:
+    """``{"rep", "len_pen", "blank"}`` for one output. ``target`` (the row's target_word_count)
+    wins over the length stated in the prompt; a prompt may also be a chat list."""
+    if target is None:
+        target = target_word_count(_prompt_text(prompt_text))
+    return {"rep": self_repetition(story), "len_pen": length_penalty(story, target), "blank": blank_penalty(story)}

@@ -1,0 +1,32 @@
+"""Run outputs: rollouts.parquet keeps stable column types across steps, empty steps are fine,
+and closing writes metrics.json and the curves PNG."""
+import json
+
+import pyarrow.parquet as pq
+
+from rlsys.tracking import RunTracker
+
+
+def _sample(**kw):
+    base = dict(prompt_uid="u", group=0, sample=0, policy_version=0, text="x", finish_reason="stop",
+                reward=1.0, advantage=0.5, valid=True, mask_reason=None, token_ids=[1, 2],
+                reward_sq=None, reward_rep=0.1)
+    return {**base, **kw}
+
+
+def test_rollouts_parquet_types_and_outputs(tmp_path):
+    t = RunTracker(str(tmp_path), 2, {"name": "t"})
+    t.log_rollouts([_sample()], 1)        # mask_reason and reward_sq all None in the first step
+    t.log_rollouts([], 2)                 # every group dropped
+    t.log_rollouts([_sample(valid=False, mask_reason="parse_error", reward_sq=0.3, token_ids=[1])], 2)
+    t.log_step(1, {"reward/sq": 0.2, "loss/total": 0.1, "time/step": 3.0})
+    t.log_step(2, {"reward/sq": 0.4, "loss/total": 0.0, "time/step": 2.0})
+    t.close()
+    rows = pq.read_table(tmp_path / "rollouts.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["mask_reason"] == "parse_error" and rows[1]["reward_sq"] == 0.3
+    assert rows[0]["reward_sq"] is None and rows[1]["response_tokens"] == 1
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["reward/sq"] for h in history] == [0.2, 0.4]
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    assert "name: t" in (tmp_path / "config.yaml").read_text()
