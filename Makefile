@@ -11,7 +11,7 @@ FLAVOUR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlsys/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench clean-venv
+.PHONY: install demo demo-polaris test test-fast bench clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ endif
 data/demo/train.parquet: | $(STAMP)
 	$(VENV)/bin/rlsys data synth --out data/demo --stories 12 --seed 1
 
+data/polaris/train.parquet: | $(STAMP)
+	$(VENV)/bin/rlsys data synth-polaris --out data/polaris --n 40 --seed 0
+
 demo: install data/demo/train.parquet
 	$(VENV)/bin/rlsys train configs/demo.yaml
 
@@ -45,6 +48,10 @@ test: install
 # Pure-logic tests only (seconds): no Ray, vLLM or DeepSpeed.
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" tests
+
+# Recipe B on CPU: needs a judge endpoint (see configs/polaris_local.yaml).
+demo-polaris: install data/polaris/train.parquet
+	$(VENV)/bin/rlsys train configs/polaris_local.yaml
 
 bench: install
 	$(PY) benchmarks/judge_throughput.py

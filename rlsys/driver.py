@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 def actor_env(cpu_share: int | None = None) -> dict:
     """Env vars for an actor (passed explicitly: on a joined cluster the driver's env does not
     reach remote workers). For a compute actor without a GPU (`cpu_share` set) also DeepSpeed's
-    CPU accelerator and 1/cpu_share of the cores for torch threads: Ray would set OMP_NUM_THREADS from the actor's logical CPUs, which
-    are oversubscribed here; the engine (idle while learners train) takes every core, each of
-    the N learner ranks 1/N of them (2 threads per rank on 2 cores measured ~40% slower)."""
+    CPU accelerator and 1/cpu_share of the cores for torch threads: Ray would set
+    OMP_NUM_THREADS from the actor's logical CPUs, which are oversubscribed here; the engine
+    (idle while learners train) takes every core, each of the N learner ranks 1/N of them
+    (2 threads per rank on 2 cores measured ~40% slower)."""
     env = {k: os.environ.get(k, v) for k, v in ACTOR_ENV_DEFAULTS.items()}
     if cpu_share:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cpu_share)))
@@ -44,41 +45,54 @@ def _rendezvous() -> tuple[str, int]:
 
 class GRPORun:
     def __init__(self, cfg: RunConfig, model_dir: str):
-        from actors.reward import RewardWorker
-        from actors.rollout import RolloutWorker
+        self.cfg, self.version = cfg, 0
+        self.learners = self._start_learners(model_dir)
+        self.rollouts = self._start_rollouts(model_dir)
+        self.rewarders = self._start_rewarders()
+        ray.get([a.__ray_ready__.remote() for a in self.learners + self.rollouts + self.rewarders])
+        self._init_weight_sync()
+
+    def _start_learners(self, model_dir: str) -> list:
         from learners.deepspeed_learner import DeepSpeedLearner
 
-        self.cfg, self.version = cfg, 0
-        lc, rc = cfg.learner, cfg.rollout
+        lc = self.cfg.learner
         # Ranks go into a placement group so that rank 0's node (which hosts the rendezvous)
         # is known before any rank starts; its address and a free port are read on that node.
         bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus}.items() if v > 0}
         self.learner_pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self.learner_pg.ready())
         host, port = self._rank0_address()
-        learner_cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
-                                 runtime_env={"env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(DeepSpeedLearner)
-        self.learners = [learner_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                             self.learner_pg, placement_group_bundle_index=r)).remote(
-                             r, lc.num_ranks, host, port, model_dir, lc, cfg.algorithm, cfg.seed, dtype=cfg.model.dtype)
-                         for r in range(lc.num_ranks)]
-        rollout_cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
-                                 runtime_env={"env_vars": actor_env(1 if rc.num_gpus == 0 else None)})(RolloutWorker)
-        self.rollouts = [rollout_cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
-                                            gpu_memory_utilization=rc.gpu_memory_utilization,
-                                            enforce_eager=rc.enforce_eager, dtype=cfg.model.dtype,
-                                            seed=cfg.seed + i)
-                         for i in range(rc.num_actors)]
-        reward_cls = ray.remote(num_cpus=cfg.reward.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
+        cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, runtime_env={
+            "env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(DeepSpeedLearner)
+        return [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.learner_pg, placement_group_bundle_index=r)).remote(
+                    r, lc.num_ranks, host, port, model_dir, lc, self.cfg.algorithm, self.cfg.seed,
+                    dtype=self.cfg.model.dtype)
+                for r in range(lc.num_ranks)]
+
+    def _start_rollouts(self, model_dir: str) -> list:
+        from actors.rollout import RolloutWorker
+
+        rc = self.cfg.rollout
+        cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env={
+            "env_vars": actor_env(1 if rc.num_gpus == 0 else None)})(RolloutWorker)
+        return [cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
+                           gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
+                           dtype=self.cfg.model.dtype, seed=self.cfg.seed + i)
+                for i in range(rc.num_actors)]
+
+    def _start_rewarders(self) -> list:
+        from actors.reward import RewardWorker
+
+        rw = self.cfg.reward
         # The judge config is read here, on the driver, so a bad file fails before any actor
         # starts and workers on other nodes need no copy of it.
         judge_cfg = None
-        if cfg.reward.recipe == "polaris":
+        if rw.recipe == "polaris":
             from rlsys.judge import load_judge_config
-            judge_cfg = load_judge_config(cfg.reward.judge).model_dump(mode="json")
-        self.rewarders = [reward_cls.remote(cfg.reward, judge_cfg) for _ in range(cfg.reward.num_actors)]
-        ray.get([a.__ray_ready__.remote() for a in self.learners + self.rollouts + self.rewarders])
-        self._init_weight_sync()
+            judge_cfg = load_judge_config(rw.judge).model_dump(mode="json")
+        cls = ray.remote(num_cpus=rw.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
+        return [cls.remote(rw, judge_cfg) for _ in range(rw.num_actors)]
 
     def _rank0_address(self) -> tuple[str, int]:
         return ray.get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
