@@ -34,12 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_ip() -> str:
-    """This node's address as Ray sees it (127.0.0.1 for a local head)."""
-    import ray
-    return ray.util.get_node_ip_address()
-
-
 _started_here = False
 
 

@@ -122,3 +122,10 @@ def test_assign_advantages_and_rank_split():
     for b in batches:
         for ids, plen in zip(b["input_ids"], b["prompt_lens"]):
             assert ids[:plen] == [1] * plen and set(ids[plen:]) == {2}
+
+
+def test_mean_baseline_estimator_subtracts_group_mean_only():
+    # weighted totals [3, 1, 2] (w = 1, 2): mean 2 -> [1, -1, 0]; no std scaling; invalid -> 0.
+    r = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
+    a = ADVANTAGE_ESTIMATORS["reinforce_mean"](r, torch.tensor([1.0, 2.0]), torch.tensor([True, True, True, False]))
+    assert torch.allclose(a, torch.tensor([1.0, -1.0, 0.0, 0.0]))
