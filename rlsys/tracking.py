@@ -14,15 +14,15 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+# rollouts.parquet columns and their fixed types (plus one float64 column per reward_<channel>).
 ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int64(), "sample": pa.int64(),
                  "policy_version": pa.int64(), "text": pa.string(), "finish_reason": pa.string(),
-                 "valid": pa.bool_(), "mask_reason": pa.string(), "response_tokens": pa.int64()}
+                 "reward": pa.float64(), "advantage": pa.float64(), "valid": pa.bool_(),
+                 "mask_reason": pa.string(), "response_tokens": pa.int64()}
 # metric -> progress-bar label
 SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc", "reward/len": "len",
                 "reward/div": "div", "reward/sq": "sq", "loss/total": "loss", "loss/kl": "kl",
                 "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step"}
-ROLLOUT_COLUMNS = ("step", "prompt_uid", "group", "sample", "policy_version", "text", "finish_reason",
-                   "reward", "advantage", "valid", "mask_reason", "response_tokens")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -52,14 +52,14 @@ class RunTracker:
             return
         rows = []
         for s in samples:
-            row = {k: s.get(k) for k in ROLLOUT_COLUMNS if k not in ("step", "response_tokens")}
+            row = {k: s.get(k) for k in ROLLOUT_TYPES if k not in ("step", "response_tokens")}
             row.update({k: None if v is None else float(v) for k, v in s.items() if k.startswith("reward_")})
             row["step"], row["response_tokens"] = step, len(s["token_ids"])
             rows.append(row)
         if self._rollouts is None:
             # Fixed types: a first step whose mask_reason or a channel is all None must not fix
             # that column's type as null for the whole run.
-            fields = [pa.field(k, ROLLOUT_TYPES.get(k, pa.float64())) for k in rows[0]]
+            fields = [pa.field(k, ROLLOUT_TYPES.get(k, pa.float64())) for k in rows[0]]  # reward_*: float
             self._rollouts = pq.ParquetWriter(str(self.dir / "rollouts.parquet"), pa.schema(fields))
         self._rollouts.write_table(pa.Table.from_pylist(rows, schema=self._rollouts.schema))
 

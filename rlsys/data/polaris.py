@@ -9,7 +9,6 @@ when the prompt says "N words long"; if both are given they must agree) and ``ui
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from rewards.polaris import target_word_count
 # The turn reader's row plumbing (located errors, chat-message checks, file resolution) is reused
 # so both schemas report problems identically.
 from rlsys.data.episodebench import DataError, _as_list, _as_structure, _files, _int, _message, _Row, read_rows
+from rlsys.data.synth import chat_message_type, write_rows
 
 __all__ = ["PolarisExample", "parse_polaris_row", "load_polaris", "write_polaris_dataset", "polaris_synth_main"]
 
@@ -168,18 +168,16 @@ def write_polaris_dataset(out_dir: str | Path, n: int, seed: int, fmt: str = "pa
     paths = {}
     for split, part in (("train", rows[:n - n_test]), ("test", rows[n - n_test:])):
         paths[split] = out / f"{split}.{fmt}"
-        if fmt == "jsonl":
-            paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-            continue
-        import pyarrow as pa  # deferred: jsonl users need no pyarrow
-        import pyarrow.parquet as pq
-
-        message = pa.struct([("role", pa.string()), ("content", pa.string())])
-        schema = pa.schema([("prompt", pa.list_(message)), ("story", pa.string()),
-                            ("ground_truth_reasoning", pa.string()), ("target_word_count", pa.int64()),
-                            ("uid", pa.string())])
-        pq.write_table(pa.Table.from_pylist(part, schema=schema), paths[split])
+        write_rows(paths[split], part, fmt, _polaris_schema() if fmt == "parquet" else None)
     return paths
+
+
+def _polaris_schema():
+    import pyarrow as pa  # deferred: jsonl users need no pyarrow
+
+    return pa.schema([("prompt", pa.list_(chat_message_type())), ("story", pa.string()),
+                      ("ground_truth_reasoning", pa.string()), ("target_word_count", pa.int64()),
+                      ("uid", pa.string())])
 
 
 def polaris_synth_main(argv: Sequence[str] | None = None) -> int:

@@ -148,7 +148,9 @@ def generate(n_stories: int, seed: int, zh_ratio: float = 0.0
     return stories, rows
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+def write_rows(path: Path, rows: list[dict[str, Any]], fmt: str, schema: Any = None) -> None:
+    """Write dataset rows as jsonl, or as parquet with `schema` (a pyarrow schema; default the
+    EpisodeBench turn schema). Byte-identical for identical rows, as the generators promise."""
     if fmt == "jsonl":
         with path.open("w", encoding="utf-8", newline="\n") as fh:
             for row in rows:
@@ -157,8 +159,21 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
     import pyarrow as pa  # deferred: jsonl users need no pyarrow
     import pyarrow.parquet as pq
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    schema = pa.schema([
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema or turn_schema()), path)
+
+
+def chat_message_type() -> Any:
+    """pyarrow type of one chat message {role, content}."""
+    import pyarrow as pa
+    return pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def turn_schema() -> Any:
+    """pyarrow schema of EpisodeBench turn rows."""
+    import pyarrow as pa
+
+    message = chat_message_type()
+    return pa.schema([
         ("prompt", pa.list_(message)), ("system_prompt", pa.string()),
         ("conversation_history", pa.list_(message)), ("user_input", pa.string()),
         ("target_response", pa.string()), ("judge_system_prompt", pa.string()),
@@ -167,7 +182,6 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
                                   ("story_id", pa.string()), ("total_turns", pa.int64()),
                                   ("turn_index", pa.int64())])),
     ])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def write_dataset(out_dir: str | Path, n_stories: int, seed: int, fmt: str = "parquet",
@@ -180,7 +194,7 @@ def write_dataset(out_dir: str | Path, n_stories: int, seed: int, fmt: str = "pa
     out.mkdir(parents=True, exist_ok=True)
     paths = {split: out / f"{split}.{fmt}" for split in rows}
     for split, split_rows in rows.items():
-        _write_rows(paths[split], split_rows, fmt)
+        write_rows(paths[split], split_rows, fmt)
     graphs = {"seed": seed, "stories": [s.to_json() for s in stories]}
     paths["graphs"] = out / "graphs.json"
     paths["graphs"].write_text(json.dumps(graphs, ensure_ascii=False, indent=1) + "\n",
