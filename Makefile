@@ -55,6 +55,7 @@ demo-polaris: install data/polaris/train.parquet
 
 bench: install
 	$(PY) benchmarks/judge_throughput.py
+	$(PY) benchmarks/learning_curve.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rewards.functions import add_function_channels, load_reward_function
 from rewards.groups import episodebench_group_rewards, polaris_group_rewards
-from rlsys.config import RewardConfig
+from rlsys.config import RECIPE_CHANNELS, RewardConfig
 
 if TYPE_CHECKING:
     from rlsys.judge import JudgeScorer
@@ -63,6 +64,9 @@ class RewardWorker:
     def __init__(self, cfg: RewardConfig, judge_cfg: dict[str, Any] | None = None):
         self.cfg = cfg
         self.channels = [c for c, w in cfg.weights.items() if w != 0]
+        # The recipe's own channels, then any configured function channels on top.
+        self.builtin = [c for c in self.channels if c in RECIPE_CHANNELS[cfg.recipe]]
+        self.functions = {c: load_reward_function(cfg.functions[c]) for c in self.channels if c in cfg.functions}
         self.encoder = load_encoder(cfg.diversity.model) if "div" in self.channels else None
         # No sq weight, no judge calls: the rule channels alone need nothing remote.
         self.judge = make_judge_scorer(cfg.judge, judge_cfg) \
@@ -73,15 +77,19 @@ class RewardWorker:
         """`groups`: [{"texts": [...], "example": example fields}] -> [{channel: [r per text]}],
         plus "valid"/"mask_reason" per text for recipe B (judge-masked samples)."""
         t0 = time.perf_counter()
-        if self.cfg.recipe == "polaris":
+        if not self.builtin:
+            out = [{} for _ in groups]
+        elif self.cfg.recipe == "polaris":
             out = self._score_polaris(groups)
         else:
             length = self.cfg.length
             out = [episodebench_group_rewards(g["texts"], g["example"]["reference_next_episode"],
-                                              channels=self.channels, l_min=length.l_min, l_max=length.l_max,
+                                              channels=self.builtin, l_min=length.l_min, l_max=length.l_max,
                                               sigma=length.sigma, strict=self.cfg.strict_format,
                                               encoder=self.encoder, eta=self.cfg.diversity.eta)
                    for g in groups]
+        for o, g in zip(out, groups):
+            add_function_channels(o, g["texts"], g["example"], self.functions)
         self.busy_s += time.perf_counter() - t0
         return out
 
@@ -90,7 +98,7 @@ class RewardWorker:
         verdicts = self.judge.score_groups(
             [[{"prompt": g["example"]["messages"], "story": t} for t in g["texts"]] for g in groups]
         ) if self.judge is not None else [None] * len(groups)
-        return [polaris_group_rewards(g["texts"], g["example"]["messages"], v, channels=self.channels,
+        return [polaris_group_rewards(g["texts"], g["example"]["messages"], v, channels=self.builtin,
                                       target=g["example"].get("target_word_count"))
                 for g, v in zip(groups, verdicts)]
 

@@ -69,13 +69,15 @@ class RolloutWorker:
     def __init__(self, model_dir: str, *, max_model_len: int, kv_cache_gib: float,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True,
                  dtype: str = "bfloat16", seed: int = 0,
-                 logprobs_mode: str = "raw_logprobs", warmup: bool = True) -> None:
+                 logprobs_mode: str = "processed_logprobs", warmup: bool = True) -> None:
         """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
         one NUMA node's free memory and fails on a shared machine); on GPU
-        `gpu_memory_utilization` still bounds the engine. `logprobs_mode`: "raw_logprobs"
-        (default) gives log-probs under the unmodified model distribution (no temperature,
-        top-k/top-p), "processed_logprobs" after them; the learner must recompute the same
-        kind for its importance ratios."""
+        `gpu_memory_utilization` still bounds the engine. `logprobs_mode`:
+        "processed_logprobs" (default) returns each sampled token's log-prob under the
+        distribution it was really drawn from: after penalties, temperature, min-p and
+        top-k/top-p (renormalised over the kept tokens). The learner takes log softmax(logits/T)
+        with the same T, so with top-p 1, top-k off and no penalties the two agree up to
+        numerics; "raw_logprobs" would be the T=1 model distribution (not what sampled)."""
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -218,7 +220,10 @@ class RolloutWorker:
         for attempt in range(2):
             for proc in procs:
                 if proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM)
+                    try:
+                        os.kill(proc.pid, signal.SIGTERM)
+                    except ProcessLookupError:  # exited between the check and the signal: done
+                        continue
             until = deadline if attempt else min(deadline, time.monotonic() + self.GRACE_S)
             for proc in procs:
                 proc.join(max(0.0, until - time.monotonic()))

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 class DeepSpeedLearner:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str,
                  learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, seed: int,
-                 dtype: str | None = None):
-        """`dtype`: weights' dtype (ModelConfig.dtype); None keeps the checkpoint's own."""
+                 dtype: str | None = None, temperature: float = 1.0):
+        """`dtype`: weights' dtype (ModelConfig.dtype); None keeps the checkpoint's own.
+        `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
+        reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
         self.lc, self.ac = learner_cfg, algo_cfg
@@ -54,13 +56,15 @@ class DeepSpeedLearner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pad = model.config.pad_token_id
         self.pad_id = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
-        policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens)
+        self.temperature = float(temperature)
+        policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature)
         optim = torch.optim.AdamW(policy.parameters(), lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
                                                config=ds_config(learner_cfg, self.dtype, train=True))
         self.device = self.engine.device
         self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
-        self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device) if algo_cfg.kl_coef > 0 else None
+        self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device,
+                                  self.temperature) if algo_cfg.kl_coef > 0 else None
         self.init_timings["reference"] = time.perf_counter() - t0 - sum(self.init_timings.values())
         self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
         self.transport: WeightTransport | None = None
@@ -92,63 +96,83 @@ class DeepSpeedLearner:
         return mbs, chunks.tolist(), float(totals[0]), float(totals[1])
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One GRPO update on this rank's share of the step batch; every rank calls it together.
+        """One rollout batch's update on this rank's share; every rank calls it together.
 
-        batch: `input_ids` (prompt + response token lists, unpadded), `prompt_lens`,
+        batch: either one mini-batch, or {"mini_batches": [mini-batch, ...]} for PPO-style
+        updates (`algorithm.mini_batches`): one optimizer step per mini-batch, the whole list
+        `algorithm.ppo_epochs` times. Every rank must get the same number of mini-batches (the
+        driver splits the step's groups first, then each mini-batch over the ranks).
+        A mini-batch: `input_ids` (prompt + response token lists, unpadded), `prompt_lens`,
         `advantages` (one per sequence); optional `loss_mask` (per sequence, one 0/1 per response
         token or per token of input_ids; None = every response token) and `behaviour_logprobs`
         (the sampler's log-prob per response token, for the mismatch metric); `global_tokens` /
-        `global_sequences` (step totals; checked against what the ranks hold, which wins).
-        Returns metrics reduced over ranks, identical on every rank. Loss arithmetic: see
-        learners.microbatches.
+        `global_sequences` (the mini-batch's totals over all ranks; checked against what the
+        ranks hold, which wins). Each mini-batch's loss is its own exact token-mean (or
+        sequence-mean) however it is split over ranks and micro-batches (learners.microbatches).
+        Returns metrics reduced over ranks, identical on every rank.
         """
         t0 = time.perf_counter()
-        mbs, chunks, g_tokens, g_seqs = self._agree(build_micro_batches(batch, self.lc.micro_batch_size, self.pad_id))
-        for key, mine in (("global_tokens", g_tokens), ("global_sequences", g_seqs)):
-            if key in batch and int(batch[key]) != int(mine) and self.rank == 0:
-                log.warning("%s=%s in the batch but the ranks hold %d; using %d", key, batch[key], mine, mine)
-        denominator = g_tokens if self.ac.loss_agg == "token_mean" else g_seqs
-        stats = StepStats(self.ac.ppo_epochs)
-        if denominator == 0:  # nothing to learn from; identical decision on every rank
-            return stats.reduce(g_tokens, g_seqs, len(mbs), time.perf_counter() - t0)
+        parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
+        n_parts = torch.tensor([len(parts)], dtype=torch.int64)
+        dist.all_reduce(n_parts, op=dist.ReduceOp.MAX)
+        if int(n_parts) != len(parts):
+            raise ValueError(f"rank {self.rank} got {len(parts)} mini-batches, another rank {int(n_parts)}; "
+                             "every rank needs the same number")
+        plans = []  # per mini-batch: (micro-batches, head chunks, denominator)
+        g_tokens = g_seqs = 0.0
+        for part in parts:
+            mbs, chunks, tokens, seqs = self._agree(build_micro_batches(part, self.lc.micro_batch_size, self.pad_id))
+            for key, mine in (("global_tokens", tokens), ("global_sequences", seqs)):
+                if key in part and int(part[key]) != int(mine) and self.rank == 0:
+                    log.warning("%s=%s in the batch but the ranks hold %d; using %d", key, part[key], mine, mine)
+            plans.append((mbs, chunks, tokens if self.ac.loss_agg == "token_mean" else seqs))
+            g_tokens, g_seqs = g_tokens + tokens, g_seqs + seqs
+        stats = StepStats()
+        n_micro = sum(len(p[0]) for p in plans)
+        if all(d == 0 for *_, d in plans):  # nothing to learn from; identical decision on every rank
+            return stats.reduce(g_tokens, g_seqs, n_micro, time.perf_counter() - t0)
 
-        # Old log-probs: the policy before this step's update. With one epoch they equal the
-        # first (and only) training forward exactly, so that forward's detached output serves
-        # and a whole no-grad pass is saved; with more epochs they are computed up front.
-        separate_old = self.ac.ppo_epochs > 1
-        old: list[torch.Tensor] = []
-        ref: list[torch.Tensor] = []
+        # Old log-probs: the policy before this step's first update. With a single optimizer
+        # step they equal the (only) training forward exactly, so that forward's detached output
+        # serves and a whole no-grad pass is saved; with several they are computed up front.
+        separate_old = self.ac.ppo_epochs > 1 or len(plans) > 1
+        old: list[list[torch.Tensor]] = [[] for _ in plans]
+        ref: list[list[torch.Tensor]] = [[] for _ in plans]
         with torch.no_grad():
             if separate_old:
                 self.engine.eval()
-                for m, k in zip(mbs, chunks):
-                    lp, ent = self._forward(self.engine, m, k, with_entropy=True)
-                    old.append(lp)
-                    stats.add_old_pass(m, lp.cpu(), ent.cpu())
+                for j, (mbs, chunks, _) in enumerate(plans):
+                    for m, k in zip(mbs, chunks):
+                        lp, ent = self._forward(self.engine, m, k, with_entropy=True)
+                        old[j].append(lp)
+                        stats.add_old_pass(m, lp.cpu(), ent.cpu())
                 stats.mark("time/learner_old_logprobs")
             if self.ref is not None:
-                ref = [self._forward(self.ref, m, k)[0] for m, k in zip(mbs, chunks)]
+                ref = [[self._forward(self.ref, m, k)[0] for m, k in zip(mbs, chunks)] for mbs, chunks, _ in plans]
                 stats.mark("time/learner_ref_logprobs")
 
         self.engine.train()
         scale = backward_scale(self.world_size)
         for _ in range(self.ac.ppo_epochs):
-            for i, (m, k) in enumerate(zip(mbs, chunks)):
-                lp, ent = self._forward(self.engine, m, k, with_entropy=not separate_old)
-                if not separate_old:
-                    old.append(lp.detach())
-                    stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
-                loss, met = self.loss_fn(
-                    lp, old[i], m.advantages.to(self.device), m.loss_mask.to(self.device),
-                    ref[i] if ref else None, clip_low=self.ac.clip_low, clip_high=self.ac.clip_high,
-                    kl_coef=self.ac.kl_coef, kl_estimator=self.ac.kl_estimator,
-                    loss_agg=self.ac.loss_agg, denominator=denominator)
-                self.engine.backward(loss * scale, scale_wrt_gas=False)
-                stats.add_micro_batch(met, m.n_tokens)
-            self.engine.step()
-            stats.add_grad_norm(self.engine.get_global_grad_norm())
+            for j, (mbs, chunks, denominator) in enumerate(plans):
+                if denominator == 0:  # an empty mini-batch (same on every rank): no step
+                    continue
+                for i, (m, k) in enumerate(zip(mbs, chunks)):
+                    lp, ent = self._forward(self.engine, m, k, with_entropy=not separate_old)
+                    if not separate_old:
+                        old[j].append(lp.detach())
+                        stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
+                    loss, met = self.loss_fn(
+                        lp, old[j][i], m.advantages.to(self.device), m.loss_mask.to(self.device),
+                        ref[j][i] if self.ref is not None else None, clip_low=self.ac.clip_low,
+                        clip_high=self.ac.clip_high, kl_coef=self.ac.kl_coef, kl_estimator=self.ac.kl_estimator,
+                        loss_agg=self.ac.loss_agg, denominator=denominator)
+                    self.engine.backward(loss * scale, scale_wrt_gas=False)
+                    stats.add_micro_batch(met, m.n_tokens)
+                self.engine.step()
+                stats.add_optimizer_step(self.engine.get_global_grad_norm())
         stats.mark("time/learner_update")
-        return stats.reduce(g_tokens, g_seqs, len(mbs), time.perf_counter() - t0)
+        return stats.reduce(g_tokens, g_seqs, n_micro, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ weights out
 

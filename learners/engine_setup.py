@@ -20,15 +20,17 @@ class LogprobModule(nn.Module):
     the engine rather than by calling the HF submodules from outside.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int):
+    def __init__(self, model: nn.Module, chunk_tokens: int, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.temperature = temperature  # the sampler's: log-probs are of softmax(logits / T)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
                 num_chunks: int, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         lp, ent = chunked_logprobs(self.model, input_ids, attention_mask, self.chunk_tokens,
-                                   target_mask=target_mask, num_chunks=num_chunks, with_entropy=with_entropy)
+                                   target_mask=target_mask, num_chunks=num_chunks, with_entropy=with_entropy,
+                                   temperature=self.temperature)
         return lp, ent  # ent is None unless with_entropy
 
 
@@ -80,12 +82,14 @@ def load_hf(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, *, train: boo
     return model
 
 
-def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device: torch.device) -> nn.Module:
+def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device: torch.device,
+                   temperature: float = 1.0) -> nn.Module:
     """Frozen copy of the initial policy: no optimizer, no gradients; ZeRO-3-partitioned like the
     policy under stage 3 (1/W of a model per rank), else a plain module on `device`."""
     ref = load_hf(model_dir, dtype, lc, train=False)
     ref.requires_grad_(False)
-    module = LogprobModule(ref, lc.logprob_chunk_tokens).eval()
+    # Same temperature as the policy: the KL compares the two distributions the sampler uses.
+    module = LogprobModule(ref, lc.logprob_chunk_tokens, temperature).eval()
     if lc.zero_stage != 3:
         return module.to(device)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config(lc, dtype, train=False))

@@ -10,6 +10,11 @@ With gradient, each chunk runs under `torch.utils.checkpoint`: the chunk's logit
 after the forward and recomputed, one chunk at a time, during backward. Without it, autograd
 would keep every chunk's logits alive until backward and nothing would be saved.
 
+Temperature: every log-prob here is taken under the *sampling* distribution's temperature,
+log softmax(logits / T), T = `rollout.temperature` (the one setting the rollout and the learner
+share). The policy gradient, the PPO ratio and the KL are then all about the policy that
+actually sampled, as in verl/EasyR1 (which divide the logits by the rollout temperature too).
+
 Only the target positions actually needed (by default every non-padding one) go through
 `lm_head`: prompt tokens need no log-prob in GRPO, which skips a large share of the head's work.
 """
@@ -26,10 +31,14 @@ def num_chunks_for(n_positions: int, chunk_tokens: int) -> int:
 
 
 def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) (and the entropy) for rows of `hidden` ([n, H]); logits exist only here."""
-    # lm_head in the model's dtype, like vLLM's sampler and HF's loss; softmax statistics in fp32.
+                   with_entropy: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p_T(target) (and the entropy of p_T) for rows of `hidden` ([n, H]), where
+    p_T = softmax(logits / temperature); logits exist only here."""
+    # lm_head in the model's dtype, like vLLM's sampler and HF's loss; softmax statistics in fp32
+    # (vLLM also divides fp32 logits by the temperature).
     logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # log_softmax without a second [n, V] tensor
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:
@@ -41,9 +50,10 @@ def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
 def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      chunk_tokens: int, *, target_mask: torch.Tensor | None = None,
-                     num_chunks: int | None = None, with_entropy: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs [B, T-1], entropy [B, T-1] or None) of a Hugging Face causal LM.
+                     num_chunks: int | None = None, with_entropy: bool = False,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B, T-1], entropy [B, T-1] or None) of a Hugging Face causal LM under
+    softmax(logits / temperature).
 
     Position t holds log p(input_ids[:, t+1] | input_ids[:, :t+1]). Positions outside
     `target_mask` ([B, T-1] bool; default: the target token is not padding) are 0 and cost
@@ -56,6 +66,8 @@ def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     b, t = input_ids.shape
     if t < 2:
         raise ValueError("need at least 2 tokens per row to have a next-token target")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}): log-probs of greedy decoding are undefined")
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
@@ -82,9 +94,9 @@ def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     for ih, iy in zip(idx_h.tensor_split(k), idx_y.tensor_split(k)):
         h, y = hidden_flat.index_select(0, ih), ids_flat.index_select(0, iy)
         if use_ckpt:
-            lp, ent = checkpoint(_head_logprobs, head, h, y, with_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_head_logprobs, head, h, y, with_entropy, temperature, use_reentrant=False)
         else:
-            lp, ent = _head_logprobs(head, h, y, with_entropy)
+            lp, ent = _head_logprobs(head, h, y, with_entropy, temperature)
         lps.append(lp)
         ents.append(ent)
     logp_sel = torch.cat(lps)[:n]
@@ -101,15 +113,15 @@ def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    chunk_tokens: int, *, target_mask: torch.Tensor | None = None,
-                   num_chunks: int | None = None) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | prefix) as [B, T-1] float32; see `chunked_logprobs`."""
-    return chunked_logprobs(model, input_ids, attention_mask, chunk_tokens,
-                            target_mask=target_mask, num_chunks=num_chunks)[0]
+                   num_chunks: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """log p_T(input_ids[:, t+1] | prefix) as [B, T-1] float32; see `chunked_logprobs`."""
+    return chunked_logprobs(model, input_ids, attention_mask, chunk_tokens, target_mask=target_mask,
+                            num_chunks=num_chunks, temperature=temperature)[0]
 
 
 def naive_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
+                         attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Reference implementation (full logits at once); for tests only."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * attention_mask[:, 1:]

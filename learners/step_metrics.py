@@ -12,15 +12,14 @@ from learners.microbatches import MicroBatch
 
 # Summed over ranks. loss/pg/kl arrive already divided by the global denominator (their sum
 # over micro-batches and ranks is the step's loss); the *_w entries are token-weighted sums.
-_SUM_KEYS = ("loss", "pg_loss", "kl", "clip_w", "ratio_w", "entropy_w", "mismatch_sum", "mismatch_n",
-             "grad_norm")
+_SUM_KEYS = ("loss", "pg_loss", "kl", "clip_w", "ratio_w", "update_tokens", "entropy_w", "entropy_tokens",
+             "mismatch_sum", "mismatch_n", "grad_norm", "optimizer_steps")
 # Max over ranks.
 _MAX_KEYS = ("mismatch_max", "micro_batches", "seconds", "peak_rss_gib")
 
 
 class StepStats:
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self):
         self.sums = dict.fromkeys(_SUM_KEYS, 0.0)
         self.maxes = dict.fromkeys(_MAX_KEYS, 0.0)
         self.times: dict[str, float] = {}
@@ -35,6 +34,7 @@ class StepStats:
 
     def add_old_pass(self, m: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor) -> None:
         self.sums["entropy_w"] += float((entropy * m.loss_mask).sum())
+        self.sums["entropy_tokens"] += m.n_tokens
         if m.behaviour is not None:
             diff = (logp - m.behaviour).abs()[m.behaviour_mask]
             self.sums["mismatch_sum"] += float(diff.sum())
@@ -48,11 +48,13 @@ class StepStats:
         self.has_kl = self.has_kl or "kl" in met
         self.sums["clip_w"] += met["clip_frac"] * n_tokens
         self.sums["ratio_w"] += met["ratio_mean"] * n_tokens
+        self.sums["update_tokens"] += n_tokens
 
-    def add_grad_norm(self, norm: float | torch.Tensor | None) -> None:
+    def add_optimizer_step(self, norm: float | torch.Tensor | None) -> None:
         # DeepSpeed's norm is already global (same on every rank): divide the SUM by W later.
         # None under ZeRO stage 0 in fp32, where DeepSpeed clips without keeping the norm.
         self.sums["grad_norm"] += float(norm) if norm is not None else float("nan")
+        self.sums["optimizer_steps"] += 1
 
     def reduce(self, g_tokens: float, g_seqs: float, n_micro: int, seconds: float) -> dict[str, float]:
         world = dist.get_world_size()
@@ -63,18 +65,22 @@ class StepStats:
         dist.all_reduce(s)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         S, M = dict(zip(_SUM_KEYS, s.tolist())), dict(zip(_MAX_KEYS, mx.tolist()))
-        tok = max(g_tokens, 1.0)
-        e = self.epochs
+        # Each optimizer step's summed loss is that update's mean: report the mean over updates.
+        # Token-weighted metrics are over every token of every update (clip_frac: the share of
+        # the tokens trained on whose clipped term was the one taken).
+        steps = max(S["optimizer_steps"] / world, 1.0)
+        upd_tok = max(S["update_tokens"], 1.0)
         out = {
-            "loss/total": S["loss"] / e, "loss/pg": S["pg_loss"] / e,
-            "policy/clip_frac": S["clip_w"] / (tok * e), "policy/ratio_mean": S["ratio_w"] / (tok * e),
-            "policy/entropy": S["entropy_w"] / tok, "policy/grad_norm": S["grad_norm"] / (world * e),
+            "loss/total": S["loss"] / steps, "loss/pg": S["pg_loss"] / steps,
+            "policy/clip_frac": S["clip_w"] / upd_tok, "policy/ratio_mean": S["ratio_w"] / upd_tok,
+            "policy/entropy": S["entropy_w"] / max(S["entropy_tokens"], 1.0),
+            "policy/grad_norm": S["grad_norm"] / (world * steps), "learner/optimizer_steps": steps,
             "learner/response_tokens": g_tokens, "learner/sequences": g_seqs,
             "learner/micro_batches_per_rank": M["micro_batches"], "time/learner_step": M["seconds"],
             "mem/learner_peak_rss_gib": M["peak_rss_gib"],
         }
         if self.has_kl:
-            out["loss/kl"] = S["kl"] / e
+            out["loss/kl"] = S["kl"] / steps
         if S["mismatch_n"] > 0:
             out["policy/logprob_mismatch"] = S["mismatch_sum"] / S["mismatch_n"]
             out["policy/logprob_mismatch_max"] = M["mismatch_max"]

@@ -13,11 +13,19 @@ A candidate duplicated in the group keeps almost nothing: s_i = O(η), a large n
 
 The embedding model is loaded by the caller (reward actors hold it); this module only
 needs an object with ``encode(list[str]) -> array``, which sentence-transformers models are.
+
+Untrusted input: a text that is None or not a str is encoded as "" (it still takes part in the
+group). An encoder can emit NaN/inf rows; such a row cannot be scored, so its R_div is
+float('nan') (the driver masks non-finite rewards, with a reason) and the DPP is computed over
+the finite rows among themselves, as if the others were not in the group. A lone finite row
+gets the value of a group of one: log(1 + η) (log η if its embedding is all zeros).
+An encoder output of the wrong shape is a programming error and raises ValueError.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -44,12 +52,21 @@ class Encoder(Protocol):
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float64); all-zero rows stay zero instead of NaN."""
+    """Rows scaled to unit L2 norm (float64); all-zero rows stay zero instead of NaN.
+
+    Each row is first divided by its largest magnitude, so huge finite entries (1e200) do not
+    overflow the norm. Rows with NaN/inf come out NaN.
+    """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array (candidates × dim), got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0.0, norms, 1.0)
+    with np.errstate(invalid="ignore"):  # inf/inf in a non-finite row: NaN, as documented
+        peak = np.max(np.abs(x), axis=1, keepdims=True) if x.shape[1] else np.zeros((x.shape[0], 1))
+        x = x / np.where(peak > 0.0, peak, 1.0)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        out = x / np.where(norms > 0.0, norms, 1.0)
+    out[~np.isfinite(out).all(axis=1)] = np.nan
+    return out
 
 
 def dpp_log_contributions(embeddings: np.ndarray, eta: float = DEFAULT_ETA) -> np.ndarray:
@@ -57,11 +74,20 @@ def dpp_log_contributions(embeddings: np.ndarray, eta: float = DEFAULT_ETA) -> n
 
     Rows are re-normalised so K is a cosine kernel whatever the caller passed. s_i comes
     from the diagonal of L⁻¹ (one symmetric solve) rather than G+1 determinants: it is
-    cheaper and the Schur-complement identity makes it exact.
+    cheaper and the Schur-complement identity makes it exact. A row with a NaN/inf entry
+    gets NaN and the others are scored among themselves (module docstring).
     """
-    if not eta > 0:
-        raise ValueError(f"eta must be positive (it keeps L invertible), got {eta}")
+    if not (eta > 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be positive and finite (it keeps L invertible), got {eta}")
     e = l2_normalise(embeddings)
+    finite = np.isfinite(e).all(axis=1)
+    out = np.full(e.shape[0], np.nan)
+    out[finite] = _log_schur(e[finite], eta)
+    return out
+
+
+def _log_schur(e: np.ndarray, eta: float) -> np.ndarray:
+    """log s_i of unit (or zero) finite rows ``e``."""
     g = e.shape[0]
     if g == 0:
         return np.zeros(0)
@@ -74,8 +100,11 @@ def dpp_log_contributions(embeddings: np.ndarray, eta: float = DEFAULT_ETA) -> n
 
 
 def embed_texts(texts: Sequence[str], model: Encoder) -> np.ndarray:
-    """Encode ``texts`` with ``model`` and L2-normalise each embedding (float64, G×d)."""
-    texts = list(texts)
+    """Encode ``texts`` with ``model`` and L2-normalise each embedding (float64, G×d).
+
+    None or non-str texts are encoded as "". Non-finite rows come back NaN.
+    """
+    texts = [t if isinstance(t, str) else "" for t in (texts if texts is not None else [])]
     if not texts:
         return np.zeros((0, 0))
     raw = np.asarray(model.encode(texts), dtype=np.float64)
@@ -87,7 +116,12 @@ def embed_texts(texts: Sequence[str], model: Encoder) -> np.ndarray:
 
 
 def dpp_diversity(texts: Sequence[str], model: Encoder, eta: float = DEFAULT_ETA) -> list[float]:
-    """R_div for one rollout group of texts: log s_i per candidate."""
+    """R_div for one rollout group of texts: log s_i per candidate.
+
+    Contract (module docstring): one float per text, in the group's order; NaN exactly for
+    the texts whose embedding is not finite, the rest scored among themselves. None or
+    non-str texts count as "". ``texts=None`` is an empty group.
+    """
     return [float(v) for v in dpp_log_contributions(embed_texts(texts, model), eta)]
 
 

@@ -14,6 +14,24 @@ removing ``<think>`` blocks (a fenced draft inside the reasoning earns nothing);
 ``"next_episode": null`` counts as absent; an integer id is read as its decimal string
 (lenient mode only); ``strict`` gates accuracy and length as well as format; the length
 count covers all Han ideograph blocks plus kana and Hangul (public: U+4E00..U+9FA5 only).
+
+Markers inside JSON strings (*ours*): a story may quote a code fence or a think tag, so
+the think tags, the fence opener (three backticks + "json") and the fence closer (three
+backticks) are markers only outside the JSON answer. A marker is content when it lies inside
+a complete, parseable object (a ``{`` before it that closes after it and loads, with the
+repairs of ``rewards._jsonish``) opening in the answer text; see ``strip_think`` for
+reasoning blocks. The fence opens at the first opener outside such an object and closes at
+the first closer after it that is outside the object the fence holds (equivalently: of the
+candidate ends, the first that leaves the object whole). If that object is truncated or does
+not parse, the first closer ends the fence, as a plain regex would. Inside a reasoning block
+nothing is read as JSON: the first ``</think>`` ends it.
+
+Untrusted input: every public function returns a value for any input and never raises on
+model output (bad length parameters are a configuration error: ValueError). A non-str
+response (None, bytes, int) is no answer: fmt = acc = len = 0. Work is bounded so a huge
+response scores in well under a second: see ``rewards._jsonish`` (objects over 32k
+characters or nested deeper than 128 are not recovered; the marker checks share a budget of
+32 bracket scans per text, after which every marker counts as a marker).
 """
 
 from __future__ import annotations
@@ -23,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards._jsonish import extract_object
+from rewards._jsonish import OutsideFinder, extract_object
 
 __all__ = [
     "ParsedResponse",
@@ -39,8 +57,10 @@ __all__ = [
 # Weights of the three format indicators (public code's split of the card's 0.4 + 0.6).
 W_FENCE, W_DICT, W_SCHEMA = 0.15, 0.25, 0.6
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_FENCE = re.compile(r"```json[ \t]*\r?\n?(.*?)```", re.DOTALL | re.IGNORECASE)
+_THINK_TAG = re.compile(r"<(/?)think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_FENCE_OPEN = re.compile(r"```json[ \t]*\r?\n?", re.IGNORECASE)
+_FENCE_MARK = re.compile(r"```")
 
 # Length units. Han ideographs (CJK Unified Ideographs, Extension A, Compatibility
 # Ideographs, and the supplementary-plane Extensions B..F / Compatibility Supplement),
@@ -80,18 +100,31 @@ def strip_think(text: str) -> str:
     chat template opened the block in the prompt, so everything before it is reasoning.
     An opening ``<think>`` that is never closed swallows the rest of the text: the model
     ran out of tokens while still thinking, and whatever JSON it drafted there is not an
-    answer.
+    answer. Tags are case-insensitive.
+
+    A tag inside a string of a complete, parseable JSON object in the answer (``"I <think>
+    so"``) is content, not a boundary. Inside a reasoning block only the first ``</think>``
+    matters: reasoning is free text, so no JSON is read there. Non-str input gives "".
     """
-    text = _THINK_BLOCK.sub("", text)
-    low = text.lower()
-    close = low.find("</think>")
-    if close != -1 and "<think>" not in low[:close]:
-        text = text[close + len("</think>"):]
-        low = text.lower()
-    start = low.find("<think>")
-    if start != -1:
-        text = text[:start]
-    return text.strip()
+    if not isinstance(text, str):
+        return ""
+    finder = OutsideFinder(text)
+    kept: list[str] = []
+    pos = 0   # start of the answer text not yet kept
+    while True:
+        tag = finder.find(_THINK_TAG, pos)
+        if tag is None:
+            break
+        if tag.group(1):  # an orphan </think>: everything before it is reasoning
+            kept, pos = [], tag.end()
+            continue
+        kept.append(text[pos:tag.start()])
+        close = _THINK_CLOSE.search(text, tag.end())
+        if close is None:  # never closed: the rest is reasoning
+            return "".join(kept).strip()
+        pos = close.end()
+    kept.append(text[pos:])
+    return "".join(kept).strip()
 
 
 def _dialogue_ok(d: Any) -> bool:
@@ -126,15 +159,23 @@ def _episode_id(value: Any) -> str | None:
 
 
 def parse_response(text: str) -> ParsedResponse:
-    """Parse one response into the fields the rewards need. Never raises."""
-    answer = strip_think(text if isinstance(text, str) else "")
-    fence = _FENCE.search(answer)
+    """Parse one response into the fields the rewards need. Never raises.
+
+    Non-str input (None, bytes, ...) is no answer: every field empty, every reward 0.
+    """
+    answer = strip_think(text)
+    finder = OutsideFinder(answer)
+    # The fence opens outside any JSON object and closes at the first ``` after it that is
+    # not inside the object it holds: a ``` in a narrative is content.
+    fence_open = finder.find(_FENCE_OPEN)
+    fence_close = finder.find(_FENCE_MARK, fence_open.end()) if fence_open else None
+    fenced = fence_close is not None
     # Parse the fenced body when there is one: prose around it may contain braces.
-    obj = extract_object(fence.group(1) if fence else answer)
-    if obj is None and fence is not None:
+    obj = extract_object(answer[fence_open.end():fence_close.start()]) if fenced else None
+    if obj is None:
         obj = extract_object(answer)
     if obj is None:
-        return ParsedResponse(bool(fence), None, False, False, False, None, [])
+        return ParsedResponse(fenced, None, False, False, False, None, [])
 
     plots = obj.get("plot_list")
     schema_valid = (isinstance(plots, list) and len(plots) > 0
@@ -153,47 +194,74 @@ def parse_response(text: str) -> ParsedResponse:
                 texts.append(plot["narrative"])
             texts.extend(_utterances(plot.get("role_dialogue")))
     return ParsedResponse(
-        fenced=bool(fence), obj=obj, parse_ok=True, schema_valid=schema_valid,
+        fenced=fenced, obj=obj, parse_ok=True, schema_valid=schema_valid,
         strict_valid=strict_valid, next_episode=_episode_id(obj.get("next_episode")),
         narrative_texts=texts,
     )
+
+
+def _as_parsed(parsed: ParsedResponse | str | None) -> ParsedResponse:
+    """The reward functions also take the raw output (any type) and parse it themselves."""
+    return parsed if isinstance(parsed, ParsedResponse) else parse_response(parsed)
 
 
 def _valid(parsed: ParsedResponse, strict: bool) -> bool:
     return parsed.strict_valid if strict else parsed.schema_valid
 
 
-def format_reward(parsed: ParsedResponse, strict: bool = False) -> float:
+def format_reward(parsed: ParsedResponse | str | None, strict: bool = False) -> float:
     """R_fmt in [0, 1]: 0.15 fence + 0.25 parsed dict + 0.6 schema (strict if asked)."""
+    parsed = _as_parsed(parsed)
     return (W_FENCE * parsed.fenced + W_DICT * parsed.parse_ok
             + W_SCHEMA * _valid(parsed, strict))
 
 
-def accuracy_reward(parsed: ParsedResponse, reference_next_episode: str | int,
+def accuracy_reward(parsed: ParsedResponse | str | None, reference_next_episode: str | int,
                     *, strict: bool = False) -> float:
-    """R_acc: 1.0 if the schema is valid and next_episode equals the reference, else 0."""
+    """R_acc: 1.0 if the schema is valid and next_episode equals the reference, else 0.
+
+    A reference that is not a str or int (None, say) matches nothing: 0.
+    """
+    parsed = _as_parsed(parsed)
     reference = _episode_id(reference_next_episode)
     if not _valid(parsed, strict) or not reference or parsed.next_episode is None:
         return 0.0
     return float(parsed.next_episode == reference)
 
 
-def count_length_units(texts: list[str]) -> int:
-    """CJK characters plus ASCII words over all texts (ranges documented above)."""
-    return sum(len(_CJK.findall(t)) + len(_ASCII_WORD.findall(t)) for t in texts)
+def count_length_units(texts: list[str] | str | None) -> int:
+    """CJK characters plus ASCII words over all texts (ranges documented above).
+
+    A single string counts as one text; None and non-str items count 0.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    elif not isinstance(texts, (list, tuple)):
+        return 0
+    return sum(_count_units(t) for t in texts if isinstance(t, str))
 
 
-def length_reward(parsed: ParsedResponse, l_min: int = 80, l_max: int = 100,
+def _count_units(text: str) -> int:
+    # subn counts without building a list of every match (cheap on a huge text).
+    return _CJK.subn("", text)[1] + _ASCII_WORD.subn("", text)[1]
+
+
+def length_reward(parsed: ParsedResponse | str | None, l_min: int = 80, l_max: int = 100,
                   sigma: float = 10.0, *, strict: bool = False) -> float:
-    """R_len: 1 for n in [l_min, l_max], exp(-½((n-edge)/σ)²) outside, 0 if invalid."""
+    """R_len: 1 for n in [l_min, l_max], exp(-½((n-edge)/σ)²) outside, 0 if invalid.
+
+    Bad parameters are a configuration error (ValueError), never a property of the output.
+    """
     _check_length_params(l_min, l_max, sigma)
+    parsed = _as_parsed(parsed)
     if not _valid(parsed, strict):
         return 0.0
     n = count_length_units(parsed.narrative_texts)
     if l_min <= n <= l_max:
         return 1.0
-    edge = l_min if n < l_min else l_max
-    return math.exp(-0.5 * ((n - edge) / sigma) ** 2)
+    z = (n - (l_min if n < l_min else l_max)) / sigma
+    # Past 40 sigmas exp(-z²/2) is 0.0 in float64 anyway; squaring a huge z would overflow.
+    return 0.0 if abs(z) > 40.0 else math.exp(-0.5 * z * z)
 
 
 def _check_length_params(l_min: int, l_max: int, sigma: float) -> None:
@@ -211,7 +279,7 @@ def score_episodebench(text: str, reference_next_episode: str | int, *,
     ``strict`` tightens "schema valid" for every channel, so a response that fails the
     strict schema gets no accuracy or length credit either.
     """
-    parsed = parse_response(text)
+    parsed = parse_response(text)  # non-str text: no answer, all channels 0
     return {
         "fmt": format_reward(parsed, strict),
         "acc": accuracy_reward(parsed, reference_next_episode, strict=strict),

@@ -128,7 +128,10 @@ def visible_story(output: str) -> str:
     """The part of a policy output the judge sees: everything after the last ``</think>``.
 
     An output with ``<think>`` but no closing tag is all reasoning (truncated) -> empty story.
+    A non-str output (None) is no story either.
     """
+    if not isinstance(output, str):
+        return ""
     if _THINK_END in output:
         return output.rsplit(_THINK_END, 1)[1].strip()
     if "<think>" in output:
@@ -137,11 +140,17 @@ def visible_story(output: str) -> str:
 
 
 def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
-    """Accept a plain prompt or a chat list (dataset format) and return the last user message."""
+    """Accept a plain prompt or a chat list (dataset format) and return the last user message.
+
+    Anything else (None, a malformed chat list) reads as "" rather than raising: the rule
+    rewards call this on every sample and must not fail a run over a bad prompt.
+    """
     if isinstance(prompt, str):
         return prompt
-    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-    return str(users[-1]) if users else ""
+    if not isinstance(prompt, (list, tuple)):
+        return ""
+    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return "" if not users or users[-1] is None else str(users[-1])
 
 
 def judge_visible_prompt(prompt: str | list[dict[str, Any]]) -> str:

@@ -22,9 +22,19 @@ Channels (all >= 0; the recipe's negative weights turn them into penalties):
 
   Each part is in [0, 1). Natural prose scores a few hundredths; a story stuck in a loop scores
   near 1 on every part, so the sum is capped at 1.5 (with weight -1.5 at most -2.25 reward).
+  Only the first ``MAX_REP_CHARS`` characters of the story are measured (bounded work on
+  hostile output): that is ~3x the longest target, and a story past it is already at the
+  maximum length penalty.
+
+Untrusted input (model output is never trusted): every function returns a finite value in its
+range for any input. A non-str output (None, bytes, ...) is scored as the empty output -- no
+story: blank 1.0, rep 0.0, len_pen as for 0 words. A prompt that is neither a string nor a chat
+list reads as "" (no stated target). A target that is not a positive finite number (bool, str,
+NaN, 0, an int too large for a float) means no target: len_pen 0.0.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from rewards.judge_rubric import prompt_text as _prompt_text
@@ -35,7 +45,10 @@ __all__ = ["REP_CAP", "story_part", "word_count", "target_word_count", "length_b
 
 _THINK_END = "</think>"
 # "approximately 1,500 words long": thousands separators are allowed, else "1,500" would read as 500.
-_TARGET = re.compile(r"(\d[\d,]*)\s*words?\s+long", re.IGNORECASE)
+# The look-behind and possessive quantifiers keep the search linear on hostile text (a long run
+# of digits would otherwise be re-scanned from each of its positions).
+_TARGET = re.compile(r"(?<![\d,])(\d[\d,]*+)\s*+words?\s+long", re.IGNORECASE)
+_MAX_TARGET_DIGITS = 9  # "10000000000 words long" is not a usable target
 _WORD = re.compile(r"\w+")
 
 BLANK_MIN_WORDS = 150
@@ -44,30 +57,46 @@ NGRAM = 4
 WINDOW_WORDS, WINDOW_STRIDE = 100, 50
 MIN_LINE_WORDS = 3  # shorter lines ("Yes.", "* * *") legitimately recur
 REP_CAP = 1.5
+MAX_REP_CHARS = 262_144
 
 
 def story_part(output: str) -> str:
     """The raw text after the last ``</think>`` (unstripped; ``visible_story`` is its strip).
 
     An output with ``<think>`` and no closing tag is all (truncated) reasoning: no story.
+    Non-str output has no story: "".
     """
+    if not isinstance(output, str):
+        return ""
     if _THINK_END in output:
         return output.rsplit(_THINK_END, 1)[1]
     return "" if "<think>" in output else output
 
 
 def word_count(output: str) -> int:
-    """Whitespace-separated words of the story part."""
+    """Whitespace-separated words of the story part (0 for non-str output)."""
     return len(story_part(output).split())
 
 
 def target_word_count(prompt_text: str) -> int | None:
-    """Requested length from "... N words long" (the first such phrase); None if absent or 0."""
-    m = _TARGET.search(prompt_text)
-    if not m:
+    """Requested length from "... N words long" (the first such phrase); None if absent, 0,
+    longer than 9 digits, or if ``prompt_text`` is not a str."""
+    m = _TARGET.search(prompt_text) if isinstance(prompt_text, str) else None
+    digits = m.group(1).replace(",", "") if m else ""
+    if not digits or len(digits) > _MAX_TARGET_DIGITS:
         return None
-    n = int(m.group(1).replace(",", ""))
-    return n or None
+    return int(digits) or None
+
+
+def _usable_target(target: object) -> float | None:
+    """``target`` as a positive finite float, or None (module docstring: no target)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        return None
+    try:
+        t = float(target)
+    except OverflowError:  # an int beyond float range: not a real word count
+        return None
+    return t if math.isfinite(t) and t > 0 else None
 
 
 def _clip(x: float, lo: float, hi: float) -> float:
@@ -85,7 +114,8 @@ def length_penalty(story: str, target: int | None) -> float:
     No target, no penalty. For targets up to 350 words the lower edge t - 350 is <= 0, so there
     is no "too short" side; the blank penalty still punishes stories under 150 words.
     """
-    if not target or target <= 0:
+    target = _usable_target(target)
+    if target is None:
         return 0.0
     wc = word_count(story)
     lower, upper = length_bounds(target)
@@ -99,9 +129,12 @@ def length_penalty(story: str, target: int | None) -> float:
 def blank_penalty(story: str) -> float:
     """1.0 for a (nearly) blank story: < 150 words, or < 10 % visible characters after ``</think>``."""
     raw = story_part(story)
-    if len(raw.split()) < BLANK_MIN_WORDS:
+    words = raw.split()  # str.split() splits on exactly the characters str.isspace() accepts
+    if len(words) < BLANK_MIN_WORDS:
         return 1.0
-    visible = sum(1 for ch in raw if ch.isprintable() and not ch.isspace())
+    solid = "".join(words)
+    # Fast path in C; the per-character loop only runs when there is something unprintable.
+    visible = len(solid) if solid.isprintable() else sum(ch.isprintable() for ch in solid)
     return 1.0 if visible < BLANK_MIN_VISIBLE_SHARE * len(raw) else 0.0
 
 
@@ -128,21 +161,24 @@ def local_repetition_ratio(words: list[str], window: int = WINDOW_WORDS, stride:
 
 
 def duplicate_line_ratio(text: str, min_words: int = MIN_LINE_WORDS) -> float:
-    """Share of lines with >= ``min_words`` words that repeat an earlier such line."""
+    """Share of lines with >= ``min_words`` words that repeat an earlier such line (0.0 for non-str)."""
+    if not isinstance(text, str):
+        return 0.0
     lines = [" ".join(w) for w in map(_words, text.splitlines()) if len(w) >= min_words]
     return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
 
 
 def self_repetition(story: str) -> float:
     """``min(1.5, ngram + local + lines)`` of the story part (module docstring)."""
-    text = story_part(story)
+    text = story_part(story)[:MAX_REP_CHARS]
     words = _words(text)
     return min(REP_CAP, repeated_ngram_ratio(words) + local_repetition_ratio(words) + duplicate_line_ratio(text))
 
 
 def polaris_rule_channels(story: str, prompt_text: str | list[dict], target: int | None = None) -> dict[str, float]:
     """``{"rep", "len_pen", "blank"}`` for one output. ``target`` (the row's target_word_count)
-    wins over the length stated in the prompt; a prompt may also be a chat list."""
+    wins over the length stated in the prompt; a prompt may also be a chat list. Never raises
+    (module docstring: untrusted input)."""
     if target is None:
         target = target_word_count(_prompt_text(prompt_text))
     return {"rep": self_repetition(story), "len_pen": length_penalty(story, target), "blank": blank_penalty(story)}

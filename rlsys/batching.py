@@ -6,9 +6,67 @@ and after `assign_advantages` its `advantage`.
 """
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
+
 import torch
 
+from rewards.groups import group_is_usable
 from rlsys.algorithms import ADVANTAGE_ESTIMATORS
+
+
+def mask_nonfinite(samples: list[dict], channels: list[str]) -> int:
+    """Mask (valid=False, with a reason) every valid sample with a NaN/inf reward on an active
+    channel, so that it never reaches a group statistic or the loss. Returns how many."""
+    n = 0
+    for s in samples:
+        if not s.get("valid", True):
+            continue
+        bad = [c for c in channels if not _finite(s.get(f"reward_{c}"))]
+        if bad:
+            s["valid"], s["mask_reason"] = False, f"non-finite reward: " + ", ".join(
+                f"{c}={s.get(f'reward_{c}')!r}" for c in bad)
+            n += 1
+    return n
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):  # None, a string...: no usable reward
+        return False
+
+
+def group_is_constant(group: list[dict], channels: list[str], threshold: float) -> bool:
+    """True when every channel's population std over the group's valid samples is <= threshold:
+    the group expresses no preference, so every advantage is ~0."""
+    valid = [s for s in group if s.get("valid", True)]
+    for c in channels:
+        x = [float(s[f"reward_{c}"]) for s in valid]
+        mean = sum(x) / len(x)
+        if math.sqrt(sum((v - mean) ** 2 for v in x) / len(x)) > threshold:
+            return False
+    return True
+
+
+def screen_groups(groups: list[list[dict]], channels: list[str], *, filter_constant: bool = False,
+                  std_threshold: float = 0.0) -> tuple[list[list[dict]], Counter]:
+    """The one group-validity rule, applied to freshly scored groups, in order:
+    non-finite rewards are masked; a group left with fewer than 2 valid samples is dropped (no
+    statistics from one sample); optionally a zero-variance group is filtered (DAPO). Returns the
+    kept groups and counts: masked_nonfinite, dropped_groups, filtered_groups."""
+    counts: Counter = Counter()
+    kept = []
+    for g in groups:
+        counts["masked_nonfinite"] += mask_nonfinite(g, channels)
+        if not group_is_usable([s.get("valid", True) for s in g]):
+            counts["dropped_groups"] += 1
+        elif filter_constant and group_is_constant(g, channels, std_threshold):
+            counts["filtered_groups"] += 1
+        else:
+            kept.append(g)
+    return kept, counts
 
 
 def assign_advantages(groups: list[list[dict]], weights: dict[str, float], *, estimator: str = "grpo",
@@ -26,8 +84,37 @@ def assign_advantages(groups: list[list[dict]], weights: dict[str, float], *, es
         valid = torch.tensor([bool(s.get("valid", True)) for s in group])
         adv = fn(r, w, valid, eps=eps, aggregation=aggregation)
         for s, a, row in zip(group, adv.tolist(), (r * w).sum(-1).tolist()):
+            if not math.isfinite(a):  # e.g. rewards so large their variance overflows
+                s["valid"], s["mask_reason"], a = False, f"non-finite advantage {a!r}", 0.0
             s["advantage"] = a
             s["reward"] = row
+
+
+def split_mini_batches(samples: list[dict], n: int, rng: random.Random) -> list[list[dict]]:
+    """Split a step's samples into min(n, groups) mini-batches of whole groups (a group's
+    samples share one prompt and one baseline), groups shuffled by `rng`, dealt so the
+    mini-batches hold as equal a number of samples as whole groups allow."""
+    by_group: dict = {}
+    for s in samples:
+        by_group.setdefault(s.get("group", s.get("prompt_uid")), []).append(s)
+    groups = list(by_group.values())
+    rng.shuffle(groups)
+    parts: list[list[dict]] = [[] for _ in range(max(1, min(n, len(groups))))]
+    for g in sorted(groups, key=len, reverse=True):  # stable: equal sizes keep the shuffled order
+        min(parts, key=len).extend(g)
+    return parts
+
+
+def reward_metrics(groups: list[list[dict]], channels: list[str]) -> dict[str, float]:
+    """Step means of each channel and of the weighted reward over valid samples."""
+    every = [s for g in groups for s in g]
+    samples = [s for s in every if s["valid"]]  # masked samples have no reward to average
+    n = max(len(samples), 1)
+    out = {f"reward/{c}": sum(s[f"reward_{c}"] for s in samples) / n for c in channels}
+    out["reward/weighted"] = sum(s["reward"] for s in samples) / n
+    out["rollout/response_len"] = sum(len(s["token_ids"]) for s in every) / max(len(every), 1)
+    out["rollout/masked_samples"] = float(len(every) - len(samples))
+    return out
 
 
 def split_for_ranks(samples: list[dict], world_size: int) -> list[dict]:

@@ -71,8 +71,10 @@ class RolloutConfig(Strict):
     """Prompts (groups) per training step."""
     group_size: int = Field(default=4, ge=2)
     """G: samples per prompt. GRPO normalises within a group, so G must be at least 2."""
-    temperature: float = Field(default=0.7, ge=0.0)
-    """Sampling temperature (recipe A: 0.7)."""
+    temperature: float = Field(default=0.7, gt=0.0)
+    """Sampling temperature (recipe A: 0.7). The learner takes every log-prob (policy, old,
+    reference, hence the ratio and the KL) under this same temperature, softmax(logits / T),
+    so the two cannot drift. Must be > 0: greedy decoding gives a group G identical samples."""
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     """Nucleus sampling mass (recipe A: 0.95)."""
     top_k: int = Field(default=-1, ge=-1)
@@ -137,7 +139,13 @@ class RewardConfig(Strict):
     judge: str | None = None
     """Judge config YAML (see configs/judge_local.yaml); required by the polaris recipe."""
     weights: dict[str, float] = Field(default_factory=lambda: {"fmt": 0.15, "acc": 0.30, "len": 0.15, "div": 0.40})
-    """λ per channel (fmt, acc, len, div). A channel with weight 0 is not computed."""
+    """λ per channel (the recipe's: fmt, acc, len, div / sq, rep, len_pen, blank; or a name from
+    `functions`). A channel with weight 0 is not computed; a negative weight minimises it."""
+    functions: dict[str, str] = {}
+    """Extra channels computed by your own Python functions: channel name -> `module:function` or
+    `path/to/file.py:function`, called per sample as `fn(text, **example_fields)` (the fields its
+    signature names) and returning a float, or None for "no reward" (the sample is masked, as
+    are exceptions and non-finite values, each with its reason). Give it a weight to use it."""
     aggregation: Literal["per_channel", "sum_then_norm"] = "per_channel"
     """per_channel: z-score each channel within its group, then weight and sum (recipe A card).
     sum_then_norm: weight and sum raw channels, then z-score once (public-code variant)."""
@@ -155,17 +163,42 @@ class RewardConfig(Strict):
     @model_validator(mode="after")
     def _channels(self) -> "RewardConfig":
         known = RECIPE_CHANNELS[self.recipe]
-        unknown = set(self.weights) - known
+        clash = set(self.functions) & set().union(*RECIPE_CHANNELS.values())
+        if clash:
+            raise ValueError(f"functions: {sorted(clash)} would shadow built-in channel(s); pick other names")
+        unknown = set(self.weights) - known - set(self.functions)
         if unknown:
             raise ValueError(f"unknown reward channel(s) {sorted(unknown)} in weights for recipe "
-                             f"{self.recipe!r}; known: {sorted(known)}")
-        if self.recipe == "polaris" and not self.judge:
-            raise ValueError("recipe 'polaris' needs reward.judge: the path of a judge config YAML")
+                             f"{self.recipe!r}; known: {sorted(known | set(self.functions))} "
+                             "(add your own under reward.functions)")
+        from rewards.functions import load_reward_function
+        for name, spec in self.functions.items():
+            try:
+                load_reward_function(spec)
+            except ValueError as e:
+                raise ValueError(f"functions.{name}: {e}") from None
+        if self.recipe == "polaris" and self.weights.get("sq", 0) != 0 and not self.judge:
+            raise ValueError("recipe 'polaris' needs reward.judge (the path of a judge config YAML) "
+                             "for its sq channel")
         if self.judge and not Path(self.judge).expanduser().is_file():
             raise ValueError(f"judge config {self.judge!r} does not exist")
         if not any(w != 0 for w in self.weights.values()):
             raise ValueError("all reward weights are 0: nothing to learn from")
         return self
+
+
+class GroupFilterConfig(Strict):
+    enabled: bool = False
+    """Drop groups whose every active reward channel has a (population) std at or below
+    `std_threshold` over the group's valid samples: all their advantages are ~0, so they only
+    dilute the token-mean. Filtered groups are counted (rollout/filtered_groups)."""
+    std_threshold: float = Field(default=1e-6, ge=0.0)
+    """A channel whose std within the group is at or below this counts as constant."""
+    refill: bool = False
+    """Sample more prompts (from the same data stream) until `rollout.prompts_per_step` groups
+    survive, or `max_refill_rounds` extra rounds are spent; surplus groups are left out."""
+    max_refill_rounds: int = Field(default=3, ge=0)
+    """Upper bound on extra generation rounds per step (counted: rollout/refill_rounds)."""
 
 
 class AlgorithmConfig(Strict):
@@ -186,7 +219,15 @@ class AlgorithmConfig(Strict):
     norm_eps: float = Field(default=1e-6, gt=0.0)
     """eps in (r - mean) / (std + eps)."""
     ppo_epochs: int = Field(default=1, ge=1)
-    """Passes over each batch; with >1 the ratio moves away from 1 and clipping matters."""
+    """Passes over each rollout batch (each pass takes `mini_batches` optimizer steps)."""
+    mini_batches: int = Field(default=1, ge=1)
+    """Optimizer steps per rollout batch and epoch: the step's groups are split (whole groups,
+    shuffled under the seed) into this many mini-batches, each its own exact token-mean update.
+    Old log-probs come from the policy before the first update, so from the second mini-batch on
+    the ratio leaves 1 and the clip bounds engage. More mini-batches than groups is capped at
+    one group per mini-batch."""
+    filter_groups: GroupFilterConfig = GroupFilterConfig()
+    """Zero-variance group filter (DAPO's dynamic sampling); off by default."""
 
     @model_validator(mode="after")
     def _registered(self) -> "AlgorithmConfig":

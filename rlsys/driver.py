@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections import deque
 from dataclasses import asdict
@@ -16,8 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rewards.groups import group_is_usable
-from rlsys.batching import split_for_ranks
+from rlsys.batching import split_for_ranks, split_mini_batches
 from rlsys.cluster import ACTOR_ENV_DEFAULTS, free_port
 from rlsys.config import RunConfig
 
@@ -67,7 +67,7 @@ class GRPORun:
         return [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.learner_pg, placement_group_bundle_index=r)).remote(
                     r, lc.num_ranks, host, port, model_dir, lc, self.cfg.algorithm, self.cfg.seed,
-                    dtype=self.cfg.model.dtype)
+                    dtype=self.cfg.model.dtype, temperature=self.cfg.rollout.temperature)
                 for r in range(lc.num_ranks)]
 
     def _start_rollouts(self, model_dir: str) -> list:
@@ -88,7 +88,7 @@ class GRPORun:
         # The judge config is read here, on the driver, so a bad file fails before any actor
         # starts and workers on other nodes need no copy of it.
         judge_cfg = None
-        if rw.recipe == "polaris":
+        if rw.recipe == "polaris" and rw.weights.get("sq", 0) != 0:
             from rlsys.judge import load_judge_config
             judge_cfg = load_judge_config(rw.judge).model_dump(mode="json")
         cls = ray.remote(num_cpus=rw.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
@@ -114,7 +114,8 @@ class GRPORun:
     def generate_and_score(self, examples: list) -> tuple[list[list[dict]], dict[str, float]]:
         """Generate a group per example and score each chunk as soon as it is generated.
 
-        Returns the groups (lists of sample dicts carrying reward_<channel>) and timings.
+        Returns every generated group (lists of sample dicts carrying reward_<channel>, `valid`
+        and `mask_reason`; `rlsys.batching.screen_groups` decides which are usable) and timings.
         """
         rc = self.cfg.rollout
         sampling = dict(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
@@ -137,32 +138,30 @@ class GRPORun:
             free.rotate(-1)
             groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": asdict(e)} for e, o in kept]
             scoring[rewarder.score_groups.remote(groups_in)] = (kept, len(outs) - len(kept))
-        groups, skipped, dropped = [], 0, 0
+        groups, skipped = [], 0
         for ref, (kept, n_skipped) in scoring.items():
             skipped += n_skipped
             for (e, o), scored in zip(kept, ray.get(ref)):
                 valid = scored.pop("valid", None) or [True] * len(o["samples"])
                 reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
-                if not group_is_usable(valid):  # no group statistics from fewer than 2 scored samples
-                    dropped += 1
-                    continue
                 groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
                                     prompt_token_ids=o["prompt_token_ids"], valid=valid[j], mask_reason=reasons[j],
                                     **{f"reward_{c}": v[j] for c, v in scored.items()})
                                for j, s in enumerate(o["samples"])])
-        for gi, g in enumerate(groups):
-            for s in g:
-                s["group"] = gi
         t1 = time.perf_counter()
         tokens = sum(len(s["token_ids"]) for g in groups for s in g)
         return groups, {"time/generate": gen_done_at - t0, "time/reward_wait": t1 - gen_done_at,
-                        "perf/gen_tokens_per_s": tokens / max(gen_done_at - t0, 1e-9),
-                        "rollout/skipped_prompts": float(skipped), "rollout/dropped_groups": float(dropped),
-                        "rollout/masked_samples": float(sum(not s["valid"] for g in groups for s in g))}
+                        "rollout/generated_tokens": float(tokens), "rollout/skipped_prompts": float(skipped)}
 
     def train(self, samples: list[dict]) -> dict[str, float]:
+        """One update on the step's samples: `algorithm.mini_batches` optimizer steps (whole
+        groups per mini-batch, order seeded by run seed and policy version), each split over the
+        learner ranks by tokens."""
         t0 = time.perf_counter()
-        batches = split_for_ranks(samples, len(self.learners))
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.version)
+        parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, rng)
+        per_part = [split_for_ranks(p, len(self.learners)) for p in parts]
+        batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
         metrics = ray.get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)])[0]
         return {**metrics, "time/train": time.perf_counter() - t0}
 

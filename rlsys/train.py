@@ -2,50 +2,56 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from rlsys import cluster
-from rlsys.batching import assign_advantages
+from rlsys.batching import assign_advantages, reward_metrics, screen_groups
 from rlsys.config import RunConfig
 from rlsys.data.loading import load_for_config
+from rlsys.data.stream import PromptStream
 from rlsys.models import resolve_model
 from rlsys.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
 
-def prompt_batches(examples: list, per_step: int, shuffle: bool, seed: int):
-    """Endless stream of per-step prompt lists; reshuffled every epoch."""
-    rng, epoch = random.Random(seed), list(examples)
+def collect_groups(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> tuple[list, dict]:
+    """Generate and score a step's groups; screen them (rlsys.batching.screen_groups) and, with
+    `algorithm.filter_groups.refill`, sample more prompts until the step is full."""
+    fc, want = cfg.algorithm.filter_groups, cfg.rollout.prompts_per_step
+    groups, counts, timing, rounds = [], Counter(), Counter(), 0
     while True:
-        if shuffle:
-            rng.shuffle(epoch)
-        for i in range(0, len(epoch) - per_step + 1, per_step):
-            yield epoch[i:i + per_step]
+        new, t = run.generate_and_score(stream.take(want - len(groups)))
+        timing.update(t)
+        kept, c = screen_groups(new, channels, filter_constant=fc.enabled, std_threshold=fc.std_threshold)
+        groups, counts = groups + kept, counts + c
+        if len(groups) >= want or not (fc.enabled and fc.refill) or rounds >= fc.max_refill_rounds:
+            break
+        rounds += 1
+    counts["refill_surplus_groups"] = max(0, len(groups) - want)
+    groups = groups[:want]
+    for gi, g in enumerate(groups):
+        for s in g:
+            s["group"] = gi
+    out = {**timing, **{f"rollout/{k}": float(counts[k]) for k in
+                        ("masked_nonfinite", "dropped_groups", "filtered_groups", "refill_surplus_groups")}}
+    out.update({"rollout/refill_rounds": float(rounds), "rollout/groups": float(len(groups)),
+                "perf/gen_tokens_per_s": timing["rollout/generated_tokens"] / max(timing["time/generate"], 1e-9)})
+    return groups, out
 
 
-def step_metrics(groups: list[list[dict]], channels: list[str]) -> dict[str, float]:
-    every = [s for g in groups for s in g]
-    samples = [s for s in every if s["valid"]]  # masked samples have no reward to average
-    n = max(len(samples), 1)
-    out = {f"reward/{c}": sum(s[f"reward_{c}"] for s in samples) / n for c in channels}
-    out["reward/weighted"] = sum(s["reward"] for s in samples) / n
-    out["rollout/response_len"] = sum(len(s["token_ids"]) for s in every) / max(len(every), 1)
-    return out
-
-
-def grpo_step(run, examples: list, cfg: RunConfig, channels: list[str]) -> tuple[list[dict], dict[str, float]]:
+def grpo_step(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> tuple[list[dict], dict[str, float]]:
     """One step: generate and score groups, advantages, update, broadcast."""
     t0 = time.perf_counter()
-    groups, timing = run.generate_and_score(examples)
+    groups, rollout = collect_groups(run, stream, cfg, channels)
     assign_advantages(groups, cfg.reward.weights, estimator=cfg.algorithm.advantage,
                       aggregation=cfg.reward.aggregation, eps=cfg.algorithm.norm_eps)
     samples = [s for g in groups for s in g]
     # Masked samples (reward unavailable) stay out of the loss as well as the statistics.
     trainable = [s for s in samples if s["valid"]]
-    metrics = {**step_metrics(groups, channels), **timing, **run.train(trainable), **run.sync_weights(),
+    metrics = {**rollout, **reward_metrics(groups, channels), **run.train(trainable), **run.sync_weights(),
                **run.judge_metrics()}
     metrics["time/step"] = time.perf_counter() - t0
     metrics["policy_version"] = float(run.version)
@@ -68,9 +74,9 @@ def train(cfg: RunConfig) -> Path:
     try:
         run = GRPORun(cfg, model_dir)
         log.info("cluster up in %.1fs", time.perf_counter() - t_start)
-        batches = prompt_batches(examples, cfg.rollout.prompts_per_step, cfg.data.shuffle, cfg.seed)
+        stream = PromptStream(examples, shuffle=cfg.data.shuffle, seed=cfg.seed)
         for step in range(1, cfg.train.steps + 1):
-            samples, metrics = grpo_step(run, next(batches), cfg, channels)
+            samples, metrics = grpo_step(run, stream, cfg, channels)
             tracker.log_rollouts(samples, step)
             tracker.log_step(step, metrics)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:

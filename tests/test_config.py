@@ -33,11 +33,38 @@ def test_valid_config_and_overrides(base):
     ("model.path=/nonexistent/model", "model directory '/nonexistent/model' does not exist"),
     ("data.path=/nonexistent.parquet", "rlsys data synth"),
     ("model.path=pkg:unknown", "unknown packaged model"),
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("algorithm.mini_batches=0", "algorithm.mini_batches"),
+    ("algorithm.filter_groups.std_treshold=0.1", "algorithm.filter_groups.std_treshold: unknown key"),
+    ("reward.functions={fmt: 'x.py:f'}", "would shadow built-in channel(s)"),
+    ("reward.functions={mine: 'nope'}", "functions.mine: 'nope': expected 'module:function'"),
+    ("reward.functions={mine: '/nonexistent/r.py:f'}", "file /nonexistent/r.py does not exist"),
+    ("reward.functions={mine: 'no_such_module_xyz:f'}", "cannot import module 'no_such_module_xyz'"),
+    ("reward.functions={mine: 'math:no_such_fn'}", "math has no function 'no_such_fn'"),
+    ("reward.weights={mine: 1.0}", "unknown reward channel(s) ['mine']"),
 ])
 def test_bad_values_name_the_key(base, override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(base=base, overrides=[override])
     assert fragment in str(e.value), str(e.value)
+
+
+def test_reward_functions_and_algorithm_keys(base, tmp_path):
+    fn = tmp_path / "my_reward.py"
+    fn.write_text("def keyword(text, target_word_count=0):\n    return float('cat' in text)\n")
+    cfg = load_config(base=base, overrides=[
+        f"reward.functions={{kw: '{fn}:keyword'}}", "reward.weights={fmt: 0.5, kw: 1.0}",
+        "algorithm.mini_batches=4", "algorithm.filter_groups.enabled=true", "algorithm.filter_groups.refill=true"])
+    assert cfg.reward.functions == {"kw": f"{fn}:keyword"} and cfg.algorithm.mini_batches == 4
+    assert cfg.algorithm.filter_groups.max_refill_rounds == 3
+    bad = tmp_path / "broken.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ConfigError, match="functions.b: .*importing .*broken.py failed: ModuleNotFoundError"):
+        load_config(base=base, overrides=[f"reward.functions={{b: '{bad}:f'}}"])
+    # polaris without its judge channel needs no judge file; with sq it does.
+    load_config(base=base, overrides=["reward.recipe=polaris", "reward.weights={rep: -1.0}"])
+    with pytest.raises(ConfigError, match="needs reward.judge"):
+        load_config(base=base, overrides=["reward.recipe=polaris", "reward.weights={sq: 1.0}"])
 
 
 def test_missing_model_section(base):

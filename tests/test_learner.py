@@ -2,7 +2,9 @@
 DeepSpeed ZeRO-3 ranks in Ray training, broadcasting and saving a tiny model."""
 from __future__ import annotations
 
+import math
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -317,6 +319,24 @@ def test_two_zero3_ranks_train_broadcast_and_save(ranks, e2e_model_dir, tmp_path
     assert first["loss/kl"] == pytest.approx(0.0, abs=1e-6)
     assert "time/learner_old_logprobs" in second and "time/learner_old_logprobs" not in first
     assert second["policy/ratio_mean"] != 1.0 and second["loss/kl"] > 0
+    # PPO mini-batches (two epochs x two mini-batches = four optimizer steps), split as the driver
+    # does: every update after the first is against the policy before the first, so the ratio
+    # leaves 1; in the second epoch the tokens just pushed in their advantage's direction
+    # overshoot the trust region and clipping engages.
+    from rlsys.batching import split_for_ranks, split_mini_batches
+    ray.get([lr.__ray_call__.remote(lambda s: setattr(s, "ac", s.ac.model_copy(update={"ppo_epochs": 2})))
+             for lr in learners])
+    samples = [{"group": i, "prompt_token_ids": ids[:p], "token_ids": ids[p:], "advantage": a,
+                "logprobs": [-6.0] * (len(ids) - p)} for i, ((ids, p), a) in enumerate(zip(seqs, advs))]
+    parts = [split_for_ranks(part, 2) for part in split_mini_batches(samples, 2, random.Random(0))]
+    mb = ray.get([lr.train_step.remote({"mini_batches": [pp[r] for pp in parts]}) for r, lr in enumerate(learners)])
+    assert mb[0] == mb[1]
+    mb = mb[0]
+    assert mb["learner/optimizer_steps"] == 4 and "time/learner_old_logprobs" in mb
+    assert mb["learner/response_tokens"] == n_tok and math.isfinite(mb["loss/total"])
+    assert mb["policy/clip_frac"] > 0 and mb["policy/ratio_mean"] != 1.0, mb
+    assert steps[0][0]["policy/clip_frac"] == 0.0 and steps[0][0]["learner/optimizer_steps"] == 1
+
     after = _all(learners, "gathered_digest")[0]
     assert all(after[n] != before[0][n] for n in names)
 

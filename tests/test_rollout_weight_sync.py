@@ -135,12 +135,43 @@ def test_rollout_generate_and_weight_sync(tmp_path: Path, ray_local) -> None:
     worker = Rollout.remote(model_dir, max_model_len=256, kv_cache_gib=0.25,
                             gpu_memory_utilization=0.9, enforce_eager=True, dtype="float32", seed=0)
     try:
+        _sampler_logprobs_match_learner(ray, worker, model_dir)
         _generate_then_sync(ray, worker, model_dir)
     finally:
         try:  # stops vLLM's processes cleanly (a bare kill leaves /dev/shm buffers behind)
             ray.get(worker.shutdown.remote(), timeout=60)
         finally:
             ray.kill(worker)
+
+
+def _sampler_logprobs_match_learner(ray, worker, model_dir: str) -> None:
+    """At T != 1 the learner's log-probs (log softmax(logits / T), the code every learner
+    pass uses) of the tokens vLLM sampled equal vLLM's own log-probs of them.
+
+    Tolerance 2e-3 nats per token, fp32 on both sides: what remains is the two stacks' kernels
+    (vLLM's CPU attention and GEMMs vs eager transformers) summing in different orders; a
+    wrong temperature moves log-probs by O(1) (checked below), far outside it."""
+    from transformers import AutoModelForCausalLM
+
+    from learners.logprobs import token_logprobs
+
+    temp = 0.6
+    sampling = {"temperature": temp, "top_p": 1.0, "top_k": -1, "max_new_tokens": 24, "seed": 11}
+    out = ray.get(worker.generate.remote([CHAT], sampling, 4), timeout=240)[0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    p = len(out["prompt_token_ids"])
+    worst = worst_t1 = 0.0
+    for s in out["samples"]:
+        ids = torch.tensor([out["prompt_token_ids"] + s["token_ids"]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            mine = token_logprobs(model, ids, mask, 64, temperature=temp)[0, p - 1:]
+            at_t1 = token_logprobs(model, ids, mask, 64)[0, p - 1:]
+        vllm = torch.tensor(s["logprobs"])
+        worst = max(worst, float((mine - vllm).abs().max()))
+        worst_t1 = max(worst_t1, float((at_t1 - vllm).abs().max()))
+    assert worst < 2e-3, f"learner vs vLLM log-prob at T={temp}: max |diff| {worst:.2e}"
+    assert worst_t1 > 0.05, "the T=1 log-probs should not match vLLM's tempered ones"
 
 
 def _generate_then_sync(ray, worker, model_dir: str) -> None:
