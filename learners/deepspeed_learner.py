@@ -237,12 +237,18 @@ class DeepSpeedLearner:
         dist.barrier()
         return path
 
-    def save_checkpoint(self, path: str) -> None:
-        """DeepSpeed checkpoint (partitioned weights + optimizer state) for exact resume."""
-        self.engine.save_checkpoint(path)
+    def save_checkpoint(self, path: str, tag: str | None = None) -> None:
+        """All ranks: DeepSpeed checkpoint (partitioned weights, optimizer state) plus this
+        rank's torch RNG state, for exact resume. Every rank writes into `path`."""
+        self.engine.save_checkpoint(path, tag=tag, client_state={"torch_rng_state": torch.get_rng_state()})
 
-    def load_checkpoint(self, path: str) -> None:
-        self.engine.load_checkpoint(path)
+    def load_checkpoint(self, path: str, tag: str | None = None) -> None:
+        """All ranks: restore what `save_checkpoint` wrote (same number of ranks)."""
+        loaded, client = self.engine.load_checkpoint(path, tag=tag)
+        if loaded is None:
+            raise FileNotFoundError(f"rank {self.rank}: no DeepSpeed checkpoint under {path} (tag {tag})")
+        if client and "torch_rng_state" in client:
+            torch.set_rng_state(client["torch_rng_state"])
 
     def peak_rss_gib(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -25,7 +25,7 @@ def mask_nonfinite(samples: list[dict], channels: list[str]) -> int:
             continue
         bad = [c for c in channels if not _finite(s.get(f"reward_{c}"))]
         if bad:
-            s["valid"], s["mask_reason"] = False, f"non-finite reward: " + ", ".join(
+            s["valid"], s["mask_reason"] = False, "non-finite reward: " + ", ".join(
                 f"{c}={s.get(f'reward_{c}')!r}" for c in bad)
             n += 1
     return n

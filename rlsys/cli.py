@@ -10,7 +10,9 @@ import logging
 import sys
 
 USAGE = """rlsys <command> ...
-  train <recipe.yaml> [section.key=value ...]   run GRPO (starts or joins Ray)
+  train <recipe.yaml> [section.key=value ...] [--resume auto|PATH]
+                                                run GRPO (starts or joins Ray); --resume continues
+                                                from a checkpoint (train.save_every)
   data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data (recipe A)
   data synth-polaris --out DIR [--n N] [--seed S] synthetic prompt/story data (recipe B)
   judge score <judge.yaml> --input F --output F score stories with an LLM judge
@@ -51,6 +53,9 @@ def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlsys train")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.add_argument("--resume", metavar="auto|PATH", default=None,
+                   help="continue from a checkpoint: 'auto' = the newest complete one in "
+                        "train.output_dir/checkpoints (a fresh start if there is none), or a checkpoint directory")
     args = p.parse_args(argv)
     from rlsys.config import ConfigError, load_config
     from rlsys.data.episodebench import DataError
@@ -66,8 +71,8 @@ def _train(argv: list[str]) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
     try:
         with logging_redirect_tqdm():
-            train(cfg)
-    except (DataError, ValueError) as e:
+            train(cfg, resume=args.resume)
+    except (DataError, ValueError) as e:  # includes ConfigError and CheckpointError
         logging.getLogger("rlsys").error("%s", e)
         return 2
     return 0

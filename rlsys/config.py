@@ -282,7 +282,12 @@ class TrainConfig(Strict):
     save_final: bool = True
     """Write a Hugging Face checkpoint (safetensors + tokenizer) at the end."""
     save_every: int = Field(default=0, ge=0)
-    """Also save every N steps (0: only at the end)."""
+    """Write a whole-run checkpoint (learner and optimizer state of every rank, data position,
+    policy version, reward-side state, an HF export) every N steps and after the last step, under
+    output_dir/checkpoints/ (0: none; only `final/`). `rlsys train ... --resume auto` continues
+    from the newest one."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many of the newest checkpoints to keep (older ones are deleted once a newer one is complete)."""
 
 
 class RunConfig(Strict):

@@ -170,10 +170,13 @@ class GRPORun:
         the new policy version."""
         t0 = time.perf_counter()
         self.version += 1
+        self._push_weights()
+        return {"time/sync": time.perf_counter() - t0}
+
+    def _push_weights(self) -> None:
         refs = [lr.broadcast_weights.remote() for lr in self.learners]
         refs += [r.update_weights.remote(self.metas, self.version) for r in self.rollouts]
         ray.get(refs)
-        return {"time/sync": time.perf_counter() - t0}
 
     def judge_metrics(self) -> dict[str, float]:
         """Judge counters summed over reward actors ({} without a judge)."""
@@ -183,8 +186,25 @@ class GRPORun:
     def save(self, path: str) -> str:
         """HF checkpoint from the learner; the judge caches go with it."""
         ray.get([lr.save_hf.remote(path) for lr in self.learners])
-        ray.get([r.save_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
+        self._save_reward_state(path)
         return path
+
+    def _save_reward_state(self, path: str) -> None:
+        ray.get([r.save_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
+
+    def save_checkpoint(self, path: str) -> None:
+        """Everything but the driver's own state (rlsys.checkpoint writes that): every learner
+        rank's DeepSpeed state, an HF export of the policy, the reward actors' state."""
+        ray.get([lr.save_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners])
+        ray.get([lr.save_hf.remote(f"{path}/hf") for lr in self.learners])
+        self._save_reward_state(path)
+
+    def load_checkpoint(self, path: str, version: int) -> None:
+        """Restore a `save_checkpoint` and bring every engine to the restored policy `version`."""
+        ray.get([lr.load_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners])
+        ray.get([r.load_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
+        self.version = version
+        self._push_weights()
 
     def shutdown(self) -> None:
         """Stop engines cleanly first (they unlink their shared-memory buffers), then kill."""

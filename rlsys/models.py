@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from rlsys.atomic import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,9 @@ def _atomic_build(out_dir: Path, build: Callable[[Path], dict[str, Any]]) -> str
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(out_dir):
             return str(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-        try:
+        with staging_dir(out_dir) as tmp:
             info = build(tmp)
             (tmp / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True))
-            # rename(2) replaces an empty directory (e.g. pytest's tmp_path) atomically.
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(out_dir)
 
 

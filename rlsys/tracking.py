@@ -1,10 +1,10 @@
-"""What a run leaves behind for people: TensorBoard scalars, every rollout in parquet, the
-config it ran with, a progress bar, and a PNG of the curves at the end."""
+"""What a run leaves behind for people: TensorBoard scalars, every rollout in parquet (one file
+per step), per-step metrics as JSON lines, the config it ran with, a progress bar, and a PNG of
+the curves at the end."""
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm import tqdm
 
+from rlsys.atomic import write_file
+
 log = logging.getLogger(__name__)
 
-# rollouts.parquet columns and their fixed types (plus one float64 column per reward_<channel>).
+# rollouts/step-N.parquet columns and their fixed types (plus one float64 column per reward_<channel>).
 ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int64(), "sample": pa.int64(),
                  "policy_version": pa.int64(), "text": pa.string(), "finish_reason": pa.string(),
                  "reward": pa.float64(), "advantage": pa.float64(), "valid": pa.bool_(),
@@ -25,29 +27,60 @@ SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc"
                 "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step"}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and os.replace so a crash never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+METRICS_LOG = "metrics.jsonl"
+ROLLOUTS_DIR = "rollouts"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Per-step metrics of a run, in order, from its append-only metrics.jsonl (a torn last
+    line, left by a kill mid-write, is ignored)."""
+    path = Path(run_dir) / METRICS_LOG
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a torn line (a run was killed while writing it)", path)
+    return out
+
+
+def read_rollouts(run_dir: str | Path) -> pa.Table:
+    """Every logged sample of a run: its rollouts/step-*.parquet files read as one table."""
+    files = sorted((Path(run_dir) / ROLLOUTS_DIR).glob("step-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files \
+        else pa.table({})
 
 
 class RunTracker:
-    """Owns the run directory's logs. One per driver."""
+    """Owns the run directory's logs. One per driver.
 
-    def __init__(self, output_dir: str, total_steps: int, config_dump: dict):
+    Everything is written as it happens and survives a kill: each step's samples are one
+    parquet file under rollouts/ (written atomically), each step's metrics one appended line of
+    metrics.jsonl. `resume_step` continues a run: later steps of the earlier attempt (after its
+    last checkpoint) are dropped so nothing is duplicated, and TensorBoard purges them too.
+    Without it, an earlier run's logs in the same directory are replaced.
+    """
+
+    def __init__(self, output_dir: str, total_steps: int, config_dump: dict, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / "config.yaml", yaml.safe_dump(config_dump, sort_keys=False).encode())
-        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
-        self._rollouts: pq.ParquetWriter | None = None
-        self.history: list[dict] = []
-        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+        write_file(self.dir / "config.yaml", yaml.safe_dump(config_dump, sort_keys=False).encode())
+        self.history = [h for h in read_metrics(self.dir) if h.get("step", 0) <= resume_step]
+        write_file(self.dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
+        self.rollouts_dir = self.dir / ROLLOUTS_DIR
+        self.rollouts_dir.mkdir(exist_ok=True)
+        for f in self.rollouts_dir.glob("step-*.parquet"):
+            if int(f.stem.split("-")[1]) > resume_step:
+                f.unlink()
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self._schema: pa.Schema | None = None
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc="grpo", unit="step", dynamic_ncols=True)
 
     def log_rollouts(self, samples: list[dict], step: int) -> None:
-        """Append this step's samples (with all reward channels) to rollouts.parquet."""
+        """Write this step's samples (with all reward channels) to rollouts/step-<N>.parquet."""
         if not samples:  # every group dropped this step: nothing to write
             return
         rows = []
@@ -56,18 +89,20 @@ class RunTracker:
             row.update({k: None if v is None else float(v) for k, v in s.items() if k.startswith("reward_")})
             row["step"], row["response_tokens"] = step, len(s["token_ids"])
             rows.append(row)
-        if self._rollouts is None:
-            # Fixed types: a first step whose mask_reason or a channel is all None must not fix
-            # that column's type as null for the whole run.
-            fields = [pa.field(k, ROLLOUT_TYPES.get(k, pa.float64())) for k in rows[0]]  # reward_*: float
-            self._rollouts = pq.ParquetWriter(str(self.dir / "rollouts.parquet"), pa.schema(fields))
-        self._rollouts.write_table(pa.Table.from_pylist(rows, schema=self._rollouts.schema))
+        # Fixed types: a step whose mask_reason or a channel is all None must not get a null column.
+        schema = pa.schema([pa.field(k, ROLLOUT_TYPES.get(k, pa.float64())) for k in rows[0]])  # reward_*: float
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+        write_file(self.rollouts_dir / f"step-{step:06d}.parquet", sink.getvalue().to_pybytes())
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
-        self.history.append({"step": step, **metrics})
+        entry = {"step": step, **metrics}
+        self.history.append(entry)
+        with open(self.dir / METRICS_LOG, "a") as f:  # append-only: a kill loses at most this line
+            f.write(json.dumps(entry) + "\n")
         shown = {label: f"{metrics[k]:.3g}" for k, label in SHOWN_IN_BAR.items() if k in metrics}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
@@ -75,10 +110,8 @@ class RunTracker:
 
     def close(self) -> None:
         self.bar.close()
-        if self._rollouts is not None:
-            self._rollouts.close()
         self.tb.close()
-        write_atomic(self.dir / "metrics.json", json.dumps(self.history, indent=1).encode())
+        write_file(self.dir / "metrics.json", json.dumps(self.history, indent=1).encode())
         if self.history:
             plot_history(self.history, self.dir / "curves.png")
 

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from rlsys import cluster
+from rlsys import checkpoint, cluster
 from rlsys.batching import assign_advantages, reward_metrics, screen_groups
 from rlsys.config import RunConfig
 from rlsys.data.loading import load_for_config
@@ -58,7 +58,8 @@ def grpo_step(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) ->
     return samples, metrics
 
 
-def train(cfg: RunConfig) -> Path:
+def train(cfg: RunConfig, resume: str | None = None) -> Path:
+    """Run `cfg` (from the checkpoint `resume` names: None, `auto` or a path); returns `final/`."""
     from rlsys.driver import GRPORun
 
     t_start = time.perf_counter()
@@ -67,20 +68,24 @@ def train(cfg: RunConfig) -> Path:
     if len(examples) < cfg.rollout.prompts_per_step:
         raise ValueError(f"data.path has {len(examples)} prompts, fewer than rollout.prompts_per_step "
                          f"({cfg.rollout.prompts_per_step})")
+    ckpt = checkpoint.resolve(resume, cfg.train.output_dir)
+    state = checkpoint.start_state(ckpt, cfg.model_dump(mode="json"))  # before Ray: a bad one fails fast
     channels = [c for c, w in cfg.reward.weights.items() if w != 0]
     cluster.connect(cfg.cluster)
-    tracker = RunTracker(cfg.train.output_dir, cfg.train.steps, cfg.model_dump(mode="json"))
+    tracker = RunTracker(cfg.train.output_dir, cfg.train.steps, cfg.model_dump(mode="json"), resume_step=state.step)
     run, final = None, Path(cfg.train.output_dir) / "final"
     try:
         run = GRPORun(cfg, model_dir)
+        if ckpt is not None:
+            run.load_checkpoint(str(ckpt), state.policy_version)
+            log.info("resumed from %s: step %d, policy version %d", ckpt, state.step, state.policy_version)
         log.info("cluster up in %.1fs", time.perf_counter() - t_start)
-        stream = PromptStream(examples, shuffle=cfg.data.shuffle, seed=cfg.seed)
-        for step in range(1, cfg.train.steps + 1):
+        stream = PromptStream(examples, shuffle=cfg.data.shuffle, seed=cfg.seed, **state.stream)
+        for step in range(state.step + 1, cfg.train.steps + 1):
             samples, metrics = grpo_step(run, stream, cfg, channels)
             tracker.log_rollouts(samples, step)
             tracker.log_step(step, metrics)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                run.save(str(Path(cfg.train.output_dir) / f"checkpoint-{step}"))
+            checkpoint.save_if_due(run, cfg, step, stream)
         if cfg.train.save_final:
             run.save(str(final))
             log.info("final checkpoint: %s", final)

@@ -9,3 +9,11 @@ def share_a_to_m(text):
     if not letters:
         return None
     return sum(c <= "m" for c in letters) / len(letters)
+
+
+def share_a_to_m_slow(text):
+    """share_a_to_m, 0.1 s per sample: slow enough that a test can stop a run between steps."""
+    import time
+
+    time.sleep(0.1)
+    return share_a_to_m(text)

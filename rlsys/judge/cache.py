@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from rlsys.atomic import write_file
 
 FORMAT_VERSION = 1
 
@@ -51,18 +51,7 @@ class JudgeCache:
         self._entries[key] = verdict
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": FORMAT_VERSION, "entries": self._entries}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(path, json.dumps({"version": FORMAT_VERSION, "entries": self._entries}))
 
     def load(self, path: str | Path) -> int:
         """Merge entries from ``path`` (missing file = nothing); return how many were read."""
