@@ -67,14 +67,22 @@ def _train(argv: list[str]) -> int:
     from pathlib import Path
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     _setup_logging(str(Path(cfg.train.output_dir) / "train.log"))
-    from rlsys.train import train
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from rlsys.cluster import ActorFailure, PlacementError
+    from rlsys.train import train
     try:
         with logging_redirect_tqdm():
             train(cfg, resume=args.resume)
     except (DataError, ValueError) as e:  # includes ConfigError and CheckpointError
         logging.getLogger("rlsys").error("%s", e)
         return 2
+    except (ActorFailure, PlacementError) as e:
+        from rlsys.checkpoint import resolve
+        last = resolve("auto", cfg.train.output_dir)
+        logging.getLogger("rlsys").error("run failed: %s. Last checkpoint: %s", e,
+                                         f"{last} (continue with --resume auto)" if last else "none")
+        return 1
     return 0
 
 

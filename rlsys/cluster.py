@@ -70,3 +70,88 @@ def shutdown() -> None:
     if _started_here and ray.is_initialized():
         ray.shutdown()
     _started_here = False
+
+
+class ActorFailure(RuntimeError):
+    """An actor died or stopped answering: which one, where, and during what."""
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold what the run asks for: what is missing."""
+
+
+class ActorDirectory:
+    """Names and nodes of a run's actors, so a failure says "learner rank 1 on 10.0.0.3"
+    rather than an actor id."""
+
+    def __init__(self):
+        self._by_id: dict[str, str] = {}
+
+    def add(self, actor, name: str) -> None:
+        self._by_id[actor._actor_id.hex()] = name
+
+    def locate(self, actors: list, timeout: float) -> None:
+        """Record each (ready) actor's node address beside its name."""
+        import ray
+
+        ips = ray.get([a.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()) for a in actors],
+                      timeout=timeout)
+        for a, ip in zip(actors, ips):
+            key = a._actor_id.hex()
+            self._by_id[key] = f"{self._by_id.get(key, 'actor ' + key[:8])} on node {ip}"
+
+    def name(self, actor_id: str | None) -> str:
+        return self._by_id.get(actor_id or "", f"actor {str(actor_id)[:8]}")
+
+
+def get_with_deadline(refs, what: str, timeout_s: float, actors: ActorDirectory | None = None):
+    """ray.get with a deadline. A timeout or a dead actor becomes an ActorFailure naming the
+    call (`what`), the deadline's config key and, for a death, the actor and its node."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ActorFailure(f"{what}: no answer within {timeout_s:.0f}s (cluster.actor_timeout_s); an actor is "
+                           "hung or the cluster is overloaded") from None
+    except RayActorError as e:
+        who = actors.name(getattr(e, "actor_id", None)) if actors else "an actor"
+        cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ActorFailure(f"{what}: {who} died ({cause})") from e
+
+
+def placement_shortfall(bundles: list[dict[str, float]], available: dict[str, float]) -> dict[str, tuple]:
+    """{resource: (asked in total, available)} for every resource the bundles need more of
+    than `available` has (a necessary condition; fragmentation aside)."""
+    asked: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            asked[k] = asked.get(k, 0.0) + v
+    return {k: (v, available.get(k, 0.0)) for k, v in asked.items() if v > available.get(k, 0.0) + 1e-9}
+
+
+def wait_for_placement(pg, bundles: list[dict[str, float]], timeout_s: float, what: str) -> None:
+    """Wait for a placement group; a cluster that cannot hold it (a local head we started, which
+    never grows, at once; a joined cluster, which may autoscale, after `timeout_s`) raises a
+    PlacementError with resources asked vs. available instead of waiting forever."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import remove_placement_group
+
+    short = placement_shortfall(bundles, ray.cluster_resources())
+    if short and _started_here:
+        remove_placement_group(pg)
+        raise PlacementError(f"{what}: this local Ray head cannot hold {bundles}: " + _describe(short))
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        short = placement_shortfall(bundles, ray.available_resources())
+        remove_placement_group(pg)
+        raise PlacementError(f"{what}: not placed within {timeout_s:.0f}s (cluster.placement_timeout_s); "
+                             f"asked {bundles}; " + (_describe(short) if short else
+                                                     "enough in total but not on one node set as asked")) from None
+
+
+def _describe(short: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: asked {a:g}, available {v:g}" for k, (a, v) in sorted(short.items()))

@@ -272,6 +272,14 @@ class ClusterConfig(Strict):
     """Object store size of a local head."""
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend for weight broadcast; auto follows DeepSpeed's accelerator."""
+    actor_timeout_s: float = Field(default=3600.0, gt=0.0)
+    """Deadline of every wait on an actor (a step's generation, scoring, update, broadcast,
+    checkpoint): past it the run fails naming the call, instead of hanging."""
+    startup_timeout_s: float = Field(default=900.0, gt=0.0)
+    """Deadline for the actors to start (model loading, engine start-up, process groups)."""
+    placement_timeout_s: float = Field(default=600.0, gt=0.0)
+    """How long a joined cluster may take (e.g. autoscaling) to place the learner ranks before the
+    run fails with resources asked vs. available. A local head that cannot fit them fails at once."""
 
 
 class TrainConfig(Strict):

@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlsys.batching import split_for_ranks, split_mini_batches
-from rlsys.cluster import ACTOR_ENV_DEFAULTS, free_port
+from rlsys.cluster import ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, free_port, get_with_deadline, wait_for_placement
 from rlsys.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,22 @@ def _rendezvous() -> tuple[str, int]:
 
 class GRPORun:
     def __init__(self, cfg: RunConfig, model_dir: str):
-        self.cfg, self.version = cfg, 0
+        self.cfg, self.version, self.actors = cfg, 0, ActorDirectory()
         self.learners = self._start_learners(model_dir)
         self.rollouts = self._start_rollouts(model_dir)
         self.rewarders = self._start_rewarders()
-        ray.get([a.__ray_ready__.remote() for a in self.learners + self.rollouts + self.rewarders])
+        for kind, group in (("learner rank", self.learners), ("rollout engine", self.rollouts),
+                            ("reward actor", self.rewarders)):
+            for i, a in enumerate(group):
+                self.actors.add(a, f"{kind} {i}")
+        every = self.learners + self.rollouts + self.rewarders
+        self._get([a.__ray_ready__.remote() for a in every], "starting the actors", cfg.cluster.startup_timeout_s)
+        self.actors.locate(every, cfg.cluster.startup_timeout_s)
         self._init_weight_sync()
+
+    def _get(self, refs, what: str, timeout_s: float | None = None):
+        """Every wait on an actor: a deadline, and a failure that names the actor (rlsys.cluster)."""
+        return get_with_deadline(refs, what, timeout_s or self.cfg.cluster.actor_timeout_s, self.actors)
 
     def _start_learners(self, model_dir: str) -> list:
         from learners.deepspeed_learner import DeepSpeedLearner
@@ -60,7 +70,8 @@ class GRPORun:
         # is known before any rank starts; its address and a free port are read on that node.
         bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus}.items() if v > 0}
         self.learner_pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ray.get(self.learner_pg.ready())
+        wait_for_placement(self.learner_pg, [bundle] * lc.num_ranks, self.cfg.cluster.placement_timeout_s,
+                           f"learner placement group ({lc.num_ranks} ranks)")
         host, port = self._rank0_address()
         cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, runtime_env={
             "env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(DeepSpeedLearner)
@@ -95,20 +106,23 @@ class GRPORun:
         return [cls.remote(rw, judge_cfg) for _ in range(rw.num_actors)]
 
     def _rank0_address(self) -> tuple[str, int]:
-        return ray.get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.learner_pg, placement_group_bundle_index=0)).remote())
+        return self._get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.learner_pg, placement_group_bundle_index=0)).remote(), "rendezvous on learner rank 0's node",
+            self.cfg.cluster.startup_timeout_s)
 
     def _init_weight_sync(self) -> None:
         """Learner rank 0 + every engine form the broadcast group; all join concurrently."""
-        self.metas = ray.get(self.learners[0].weight_metadata.remote())
+        t = self.cfg.cluster.startup_timeout_s
+        self.metas = self._get(self.learners[0].weight_metadata.remote(), "weight metadata", t)
         backend = self.cfg.cluster.weight_sync_backend
         if backend == "auto":
-            backend = ray.get(self.learners[0].__ray_call__.remote(
-                lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()))
+            backend = self._get(self.learners[0].__ray_call__.remote(
+                lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()),
+                "learner backend", t)
         (host, port), world = self._rank0_address(), 1 + len(self.rollouts)
         refs = [lr.init_weight_sync.remote(host, port, world, backend) for lr in self.learners]
         refs += [r.init_weight_transport.remote(host, port, i + 1, world, backend) for i, r in enumerate(self.rollouts)]
-        ray.get(refs)
+        self._get(refs, "forming the weight-sync group", t)
         log.info("weight sync group ready: %s over %s, %d tensors", backend, f"{host}:{port}", len(self.metas))
 
     def generate_and_score(self, examples: list) -> tuple[list[list[dict]], dict[str, float]]:
@@ -130,8 +144,12 @@ class GRPORun:
         scoring, free = {}, deque(self.rewarders)
         gen_done_at = t0
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            chunk, outs = pending.pop(ref), ray.get(ref)
+            deadline = self.cfg.cluster.actor_timeout_s
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=deadline)
+            if not ready:
+                raise ActorFailure(f"generation: no rollout engine answered within {deadline:.0f}s "
+                                   "(cluster.actor_timeout_s)")
+            chunk, outs = pending.pop(ready[0]), self._get(ready[0], "generation")
             gen_done_at = time.perf_counter()
             kept = [(e, o) for e, o in zip(chunk, outs) if not o.get("skipped")]
             rewarder = free[0]
@@ -141,7 +159,7 @@ class GRPORun:
         groups, skipped = [], 0
         for ref, (kept, n_skipped) in scoring.items():
             skipped += n_skipped
-            for (e, o), scored in zip(kept, ray.get(ref)):
+            for (e, o), scored in zip(kept, self._get(ref, "reward scoring")):
                 valid = scored.pop("valid", None) or [True] * len(o["samples"])
                 reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
                 groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
@@ -162,7 +180,7 @@ class GRPORun:
         parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, rng)
         per_part = [split_for_ranks(p, len(self.learners)) for p in parts]
         batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
-        metrics = ray.get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)])[0]
+        metrics = self._get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)], "learner update")[0]
         return {**metrics, "time/train": time.perf_counter() - t0}
 
     def sync_weights(self) -> dict[str, float]:
@@ -176,33 +194,37 @@ class GRPORun:
     def _push_weights(self) -> None:
         refs = [lr.broadcast_weights.remote() for lr in self.learners]
         refs += [r.update_weights.remote(self.metas, self.version) for r in self.rollouts]
-        ray.get(refs)
+        self._get(refs, f"weight broadcast (policy version {self.version})")
 
     def judge_metrics(self) -> dict[str, float]:
         """Judge counters summed over reward actors ({} without a judge)."""
         from actors.reward import merge_judge_metrics
-        return merge_judge_metrics(ray.get([r.judge_metrics.remote() for r in self.rewarders]))
+        return merge_judge_metrics(self._get([r.judge_metrics.remote() for r in self.rewarders], "judge metrics"))
 
     def save(self, path: str) -> str:
         """HF checkpoint from the learner; the judge caches go with it."""
-        ray.get([lr.save_hf.remote(path) for lr in self.learners])
+        self._get([lr.save_hf.remote(path) for lr in self.learners], "saving the HF checkpoint")
         self._save_reward_state(path)
         return path
 
     def _save_reward_state(self, path: str) -> None:
-        ray.get([r.save_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
+        self._get([r.save_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)],
+                  "saving reward state")
 
     def save_checkpoint(self, path: str) -> None:
         """Everything but the driver's own state (rlsys.checkpoint writes that): every learner
         rank's DeepSpeed state, an HF export of the policy, the reward actors' state."""
-        ray.get([lr.save_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners])
-        ray.get([lr.save_hf.remote(f"{path}/hf") for lr in self.learners])
+        self._get([lr.save_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners],
+                  "saving the learner checkpoint")
+        self._get([lr.save_hf.remote(f"{path}/hf") for lr in self.learners], "saving the HF export")
         self._save_reward_state(path)
 
     def load_checkpoint(self, path: str, version: int) -> None:
         """Restore a `save_checkpoint` and bring every engine to the restored policy `version`."""
-        ray.get([lr.load_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners])
-        ray.get([r.load_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)])
+        self._get([lr.load_checkpoint.remote(f"{path}/learner", "state") for lr in self.learners],
+                  f"loading {path}")
+        self._get([r.load_state.remote(f"{path}/judge_cache-{i}.json") for i, r in enumerate(self.rewarders)],
+                  "loading reward state")
         self.version = version
         self._push_weights()
 
