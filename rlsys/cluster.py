@@ -131,6 +131,20 @@ def placement_shortfall(bundles: list[dict[str, float]], available: dict[str, fl
     return {k: (v, available.get(k, 0.0)) for k, v in asked.items() if v > available.get(k, 0.0) + 1e-9}
 
 
+def check_local_head_fits(demands: list[tuple[str, int, dict[str, float]]]) -> None:
+    """On a local head we started (it never grows), refuse at once a run whose actors cannot
+    all be placed, naming what is missing; a joined cluster may autoscale, so it is not checked."""
+    import ray
+
+    if not _started_here:
+        return
+    short = placement_shortfall([need for _, n, need in demands for _ in range(n)], ray.cluster_resources())
+    if short:
+        asked = "; ".join(f"{n} x {kind} {need}" for kind, n, need in demands)
+        raise PlacementError(f"this local Ray head cannot hold the run's actors ({asked}): {_describe(short)}. "
+                             "Raise cluster.num_cpus, or lower the actors' num_cpus/num_gpus")
+
+
 def wait_for_placement(pg, bundles: list[dict[str, float]], timeout_s: float, what: str) -> None:
     """Wait for a placement group; a cluster that cannot hold it (a local head we started, which
     never grows, at once; a joined cluster, which may autoscale, after `timeout_s`) raises a

@@ -18,7 +18,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlsys.batching import split_for_ranks, split_mini_batches
-from rlsys.cluster import ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, free_port, get_with_deadline, wait_for_placement
+from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, check_local_head_fits, free_port,
+                           get_with_deadline, wait_for_placement)
+from rlsys.cluster_files import actor_demands
 from rlsys.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def _rendezvous() -> tuple[str, int]:
 class GRPORun:
     def __init__(self, cfg: RunConfig, model_dir: str):
         self.cfg, self.version, self.actors = cfg, 0, ActorDirectory()
+        check_local_head_fits(actor_demands(cfg))
         self.learners = self._start_learners(model_dir)
         self.rollouts = self._start_rollouts(model_dir)
         self.rewarders = self._start_rewarders()

@@ -88,4 +88,5 @@ def test_cli_reports_the_shortfall_and_exits(tmp_path):
          "cluster.num_cpus=4", f"train.output_dir={tmp_path / 'run'}"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "CPU: asked 12, available 4" in proc.stderr and "Last checkpoint: none" in proc.stderr
+    assert "CPU: asked 13.5, available 4" in proc.stderr and "2 x learner rank" in proc.stderr
+    assert "Last checkpoint: none" in proc.stderr
