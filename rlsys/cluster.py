@@ -169,3 +169,29 @@ def wait_for_placement(pg, bundles: list[dict[str, float]], timeout_s: float, wh
 
 def _describe(short: dict[str, tuple]) -> str:
     return ", ".join(f"{k}: asked {a:g}, available {v:g}" for k, (a, v) in sorted(short.items()))
+
+
+def _paths_missing_here(paths: list[str]) -> tuple[str, list[str]]:
+    import ray
+
+    return ray.util.get_node_ip_address(), [p for p in paths if not os.path.exists(p)]
+
+
+def check_paths_on_every_node(paths: list[str], timeout_s: float = 120.0) -> None:
+    """Every path the actors read (model directory, data, reward-function files) must exist on
+    every node that may host one: on a multi-node cluster they belong on shared storage (or are
+    materialised at the same path on each node). Raises FileNotFoundError naming node and path."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if len(nodes) < 2:  # one node: the driver's own checks already saw these paths
+        return
+    probe = ray.remote(num_cpus=0)(_paths_missing_here)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+            for n in nodes]
+    missing = [(ip, m) for ip, m in ray.get(refs, timeout=timeout_s) if m]
+    if missing:
+        raise FileNotFoundError("paths the actors read are missing on some nodes (put them on shared storage, "
+                                "or at the same path on every node): "
+                                + "; ".join(f"node {ip}: {', '.join(m)}" for ip, m in missing))

@@ -160,6 +160,10 @@ class RewardConfig(Strict):
     num_cpus: float = Field(default=0.5, gt=0.0)
     """Logical Ray CPUs each reward actor reserves."""
 
+    def function_files(self) -> list[str]:
+        """Files of the `functions` given as `path/to/file.py:function` (the actors import them)."""
+        return [spec.rsplit(":", 1)[0] for spec in self.functions.values() if spec.rsplit(":", 1)[0].endswith(".py")]
+
     @model_validator(mode="after")
     def _channels(self) -> "RewardConfig":
         known = RECIPE_CHANNELS[self.recipe]

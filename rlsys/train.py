@@ -72,6 +72,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     state = checkpoint.start_state(ckpt, cfg.model_dump(mode="json"))  # before Ray: a bad one fails fast
     channels = [c for c, w in cfg.reward.weights.items() if w != 0]
     cluster.connect(cfg.cluster)
+    cluster.check_paths_on_every_node([model_dir, cfg.data.path, *cfg.reward.function_files()])
     tracker = RunTracker(cfg.train.output_dir, cfg.train.steps, cfg.model_dump(mode="json"), resume_step=state.step)
     run, final = None, Path(cfg.train.output_dir) / "final"
     try:
