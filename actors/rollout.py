@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from actors.rollout_convert import convert_request_output, make_sampling_params
@@ -100,6 +101,12 @@ class RolloutWorker:
         # Segments that appeared while our engine started: its ring buffers (or another
         # engine's, which `shutdown` leaves alone while anything maps them).
         self._engine_shm = _shm_segments() - shm_before
+        if self._engine_shm:  # cleans them up even if this actor is SIGKILLed (see the module)
+            import subprocess
+            import sys
+            subprocess.Popen([sys.executable, str(Path(__file__).with_name("shm_watchdog.py")), str(os.getpid()),
+                              *sorted(self._engine_shm)], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.on_cpu:
             self.llm.collective_rpc("rlsys_init_amx")
         if warmup:

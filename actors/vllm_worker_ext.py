@@ -166,6 +166,7 @@ class WeightSyncExtension:
         from rlsys.weight_sync import make_transport
 
         device = "cpu" if backend == "gloo" else str(getattr(self, "device", "cuda"))
+        self.rlsys_close_weight_transport()  # re-formed after a peer engine was replaced
         self._rlsys_transport = make_transport(host, port, rank, world_size, backend, device)
         self._rlsys_version = getattr(self, "_rlsys_version", 0)
         return True

@@ -190,6 +190,8 @@ class DeepSpeedLearner:
         joined, so the driver calls this concurrently with the receivers); other ranks: no-op."""
         if self.rank == 0:
             device = "cpu" if self.device.type == "cpu" else str(self.device)
+            if self.transport is not None:  # re-formed after an engine was replaced
+                self.transport.close()
             self.transport = make_transport(host, port, 0, world_size, backend, device)
 
     def broadcast_weights(self) -> dict[str, float]:

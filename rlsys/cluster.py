@@ -104,14 +104,18 @@ class ActorDirectory:
         return self._by_id.get(actor_id or "", f"actor {str(actor_id)[:8]}")
 
 
-def get_with_deadline(refs, what: str, timeout_s: float, actors: ActorDirectory | None = None):
+def get_with_deadline(refs, what: str, timeout_s: float, actors: ActorDirectory | None = None,
+                      reraise: tuple = ()):
     """ray.get with a deadline. A timeout or a dead actor becomes an ActorFailure naming the
-    call (`what`), the deadline's config key and, for a death, the actor and its node."""
+    call (`what`), the deadline's config key and, for a death, the actor and its node.
+    Exceptions of the types in `reraise` pass through unchanged (the caller recovers)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
     try:
         return ray.get(refs, timeout=timeout_s)
+    except reraise:
+        raise
     except GetTimeoutError:
         raise ActorFailure(f"{what}: no answer within {timeout_s:.0f}s (cluster.actor_timeout_s); an actor is "
                            "hung or the cluster is overloaded") from None

@@ -279,6 +279,10 @@ class ClusterConfig(Strict):
     actor_timeout_s: float = Field(default=3600.0, gt=0.0)
     """Deadline of every wait on an actor (a step's generation, scoring, update, broadcast,
     checkpoint): past it the run fails naming the call, instead of hanging."""
+    max_actor_restarts: int = Field(default=3, ge=0)
+    """Rollout engines and reward actors that die are restarted (brought to the current policy
+    version, their in-flight prompts re-issued) up to this many times per run; then the run fails.
+    A dead learner rank always fails the run (resume it with --resume auto)."""
     startup_timeout_s: float = Field(default=900.0, gt=0.0)
     """Deadline for the actors to start (model loading, engine start-up, process groups)."""
     placement_timeout_s: float = Field(default=600.0, gt=0.0)

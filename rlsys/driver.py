@@ -10,12 +10,13 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from dataclasses import asdict
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ray.exceptions import RayActorError
 
 from rlsys.batching import split_for_ranks, split_mini_batches
 from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, check_local_head_fits, free_port,
@@ -47,7 +48,7 @@ def _rendezvous() -> tuple[str, int]:
 
 class GRPORun:
     def __init__(self, cfg: RunConfig, model_dir: str):
-        self.cfg, self.version, self.actors = cfg, 0, ActorDirectory()
+        self.cfg, self.version, self.actors, self.restarts = cfg, 0, ActorDirectory(), 0
         check_local_head_fits(actor_demands(cfg))
         self.learners = self._start_learners(model_dir)
         self.rollouts = self._start_rollouts(model_dir)
@@ -90,10 +91,11 @@ class GRPORun:
         rc = self.cfg.rollout
         cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env={
             "env_vars": actor_env(1 if rc.num_gpus == 0 else None)})(RolloutWorker)
-        return [cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
-                           gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
-                           dtype=self.cfg.model.dtype, seed=self.cfg.seed + i)
-                for i in range(rc.num_actors)]
+        self._new_rollout = lambda i: cls.remote(
+            model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
+            gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
+            dtype=self.cfg.model.dtype, seed=self.cfg.seed + i)
+        return [self._new_rollout(i) for i in range(rc.num_actors)]
 
     def _start_rewarders(self) -> list:
         from actors.reward import RewardWorker
@@ -106,7 +108,8 @@ class GRPORun:
             from rlsys.judge import load_judge_config
             judge_cfg = load_judge_config(rw.judge).model_dump(mode="json")
         cls = ray.remote(num_cpus=rw.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
-        return [cls.remote(rw, judge_cfg) for _ in range(rw.num_actors)]
+        self._new_rewarder = lambda i: cls.remote(rw, judge_cfg)
+        return [self._new_rewarder(i) for i in range(rw.num_actors)]
 
     def _rank0_address(self) -> tuple[str, int]:
         return self._get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -133,6 +136,8 @@ class GRPORun:
 
         Returns every generated group (lists of sample dicts carrying reward_<channel>, `valid`
         and `mask_reason`; `rlsys.batching.screen_groups` decides which are usable) and timings.
+        A rollout engine or reward actor that dies meanwhile is replaced (`_replace`) and its
+        chunk re-issued with the same seed, so no group is lost and none is counted twice.
         """
         rc = self.cfg.rollout
         sampling = dict(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
@@ -140,29 +145,53 @@ class GRPORun:
         # Two chunks per engine: the first chunk's rewards are computed while the second generates.
         n_chunks = min(len(examples), 2 * len(self.rollouts))
         chunks = [examples[i::n_chunks] for i in range(n_chunks)]
+        restarts_before = self.restarts
+
+        def generate(i: int):  # chunk i always on engine i % E with the same seed
+            eng = self.rollouts[i % len(self.rollouts)]
+            return eng.generate.remote([e.messages for e in chunks[i]],
+                                       dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size), eng
+
+        def score(i: int, groups_in: list):
+            rewarder = self.rewarders[i % len(self.rewarders)]
+            return rewarder.score_groups.remote(groups_in), rewarder
+
         t0 = time.perf_counter()
-        pending = {self.rollouts[i % len(self.rollouts)].generate.remote(
-            [e.messages for e in chunk], dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size): chunk
-            for i, chunk in enumerate(chunks)}
-        scoring, free = {}, deque(self.rewarders)
-        gen_done_at = t0
+        pending = {}
+        for i in range(n_chunks):
+            ref, eng = generate(i)
+            pending[ref] = (i, eng)
+        scoring, gen_done_at = {}, t0
         while pending:
             deadline = self.cfg.cluster.actor_timeout_s
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=deadline)
             if not ready:
                 raise ActorFailure(f"generation: no rollout engine answered within {deadline:.0f}s "
                                    "(cluster.actor_timeout_s)")
-            chunk, outs = pending.pop(ready[0]), self._get(ready[0], "generation")
+            i, eng = pending.pop(ready[0])
+            try:
+                outs = ray.get(ready[0])  # ready: returns at once
+            except RayActorError as e:
+                self._replace("rollout", i % len(self.rollouts), eng, e)
+                ref, eng = generate(i)
+                pending[ref] = (i, eng)
+                continue
             gen_done_at = time.perf_counter()
-            kept = [(e, o) for e, o in zip(chunk, outs) if not o.get("skipped")]
-            rewarder = free[0]
-            free.rotate(-1)
+            kept = [(e, o) for e, o in zip(chunks[i], outs) if not o.get("skipped")]
             groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": asdict(e)} for e, o in kept]
-            scoring[rewarder.score_groups.remote(groups_in)] = (kept, len(outs) - len(kept))
+            scoring[i] = (*score(i, groups_in), groups_in, kept, len(outs) - len(kept))
         groups, skipped = [], 0
-        for ref, (kept, n_skipped) in scoring.items():
+        for i, (ref, rewarder, groups_in, kept, n_skipped) in scoring.items():
+            while True:
+                try:
+                    scored_groups = get_with_deadline(ref, "reward scoring", self.cfg.cluster.actor_timeout_s,
+                                                      self.actors, reraise=(RayActorError,))
+                    break
+                except RayActorError as e:
+                    self._replace("reward", i % len(self.rewarders), rewarder, e)
+                    ref, rewarder = score(i, groups_in)
             skipped += n_skipped
-            for (e, o), scored in zip(kept, self._get(ref, "reward scoring")):
+            for (e, o), scored in zip(kept, scored_groups):
                 valid = scored.pop("valid", None) or [True] * len(o["samples"])
                 reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
                 groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
@@ -172,7 +201,32 @@ class GRPORun:
         t1 = time.perf_counter()
         tokens = sum(len(s["token_ids"]) for g in groups for s in g)
         return groups, {"time/generate": gen_done_at - t0, "time/reward_wait": t1 - gen_done_at,
-                        "rollout/generated_tokens": float(tokens), "rollout/skipped_prompts": float(skipped)}
+                        "rollout/generated_tokens": float(tokens), "rollout/skipped_prompts": float(skipped),
+                        "recovery/actor_restarts": float(self.restarts - restarts_before)}
+
+    def _replace(self, kind: str, i: int, dead, error: Exception) -> None:
+        """Replace dead rollout engine / reward actor `i` (unless already replaced): a new actor,
+        and for an engine a re-formed weight-sync group and the current policy's weights."""
+        group = self.rollouts if kind == "rollout" else self.rewarders
+        name = self.actors.name(dead._actor_id.hex())
+        if group[i] is not dead:  # a second in-flight call of the same dead actor: already done
+            return
+        if self.restarts >= self.cfg.cluster.max_actor_restarts:
+            raise ActorFailure(f"{name} died ({str(error).splitlines()[0][:200] if str(error) else error!r}) "
+                               f"and cluster.max_actor_restarts={self.cfg.cluster.max_actor_restarts} "
+                               "restarts are used up") from error
+        self.restarts += 1
+        log.warning("%s died; restarting it (restart %d of at most %d)", name, self.restarts,
+                    self.cfg.cluster.max_actor_restarts)
+        ray.kill(dead)
+        new = (self._new_rollout if kind == "rollout" else self._new_rewarder)(i)
+        group[i] = new
+        self.actors.add(new, f"{'rollout engine' if kind == 'rollout' else 'reward actor'} {i}")
+        self._get(new.__ray_ready__.remote(), f"restarting {name}", self.cfg.cluster.startup_timeout_s)
+        self.actors.locate([new], self.cfg.cluster.startup_timeout_s)
+        if kind == "rollout":
+            self._init_weight_sync()
+            self._push_weights()  # the new engine joins at the current policy version
 
     def train(self, samples: list[dict]) -> dict[str, float]:
         """One update on the step's samples: `algorithm.mini_batches` optimizer steps (whole

@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlsys.atomic import write_file
 from rlsys.data.synth_graph import END, Story, make_story
 from rlsys.data.synth_text import TEXT
 from rlsys.data.synth_vocab import EN_GENRES, ZH_GENRES
@@ -151,15 +152,15 @@ def generate(n_stories: int, seed: int, zh_ratio: float = 0.0
 def write_rows(path: Path, rows: list[dict[str, Any]], fmt: str, schema: Any = None) -> None:
     """Write dataset rows as jsonl, or as parquet with `schema` (a pyarrow schema; default the
     EpisodeBench turn schema). Byte-identical for identical rows, as the generators promise."""
-    if fmt == "jsonl":
-        with path.open("w", encoding="utf-8", newline="\n") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if fmt == "jsonl":  # written atomically: a killed generator leaves the old file or none
+        write_file(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         return
     import pyarrow as pa  # deferred: jsonl users need no pyarrow
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema or turn_schema()), path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema or turn_schema()), sink)
+    write_file(path, sink.getvalue().to_pybytes())
 
 
 def chat_message_type() -> Any:
@@ -197,8 +198,7 @@ def write_dataset(out_dir: str | Path, n_stories: int, seed: int, fmt: str = "pa
         write_rows(paths[split], split_rows, fmt)
     graphs = {"seed": seed, "stories": [s.to_json() for s in stories]}
     paths["graphs"] = out / "graphs.json"
-    paths["graphs"].write_text(json.dumps(graphs, ensure_ascii=False, indent=1) + "\n",
-                               encoding="utf-8")
+    write_file(paths["graphs"], json.dumps(graphs, ensure_ascii=False, indent=1) + "\n")
     return paths
 
 
