@@ -11,7 +11,7 @@ FLAVOUR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlsys/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-polaris test test-fast bench clean-venv
+.PHONY: install demo demo-polaris example test test-fast bench clean-venv
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ data/polaris/train.parquet: | $(STAMP)
 
 demo: install data/demo/train.parquet
 	$(VENV)/bin/rlsys train configs/demo.yaml
+
+# Your own task by configuration: examples/keyword (reward functions + generic prompt rows).
+example: install
+	$(VENV)/bin/rlsys train examples/keyword/config.yaml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

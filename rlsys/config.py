@@ -46,9 +46,11 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     path: str
-    """Training data: an EpisodeBench turn-level `.parquet` or `.jsonl` file (see `rlsys data synth`)."""
-    format: Literal["episodebench", "polaris"] = "episodebench"
-    """Row schema of `path`: EpisodeBench turn rows, or POLARIS prompt/story rows (recipe B)."""
+    """Training data: a `.parquet` or `.jsonl` file in the `format` below (see `rlsys data synth`)."""
+    format: Literal["episodebench", "polaris", "prompt"] = "episodebench"
+    """Row schema of `path`: EpisodeBench turn rows, POLARIS prompt/story rows (recipe B), or
+    `prompt`: your own rows with a `prompt` column (string or chat list); every other column is
+    passed to the reward functions as a keyword argument (see rlsys/data/prompts.py)."""
     split: str | None = None
     """Keep only rows whose extra_info.split equals this (None keeps all)."""
     limit: int | None = Field(default=None, ge=1)

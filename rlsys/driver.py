@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -23,6 +22,7 @@ from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, che
                            get_with_deadline, wait_for_placement)
 from rlsys.cluster_files import actor_demands
 from rlsys.config import RunConfig
+from rlsys.data.prompts import example_fields
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class GRPORun:
                 continue
             gen_done_at = time.perf_counter()
             kept = [(e, o) for e, o in zip(chunks[i], outs) if not o.get("skipped")]
-            groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": asdict(e)} for e, o in kept]
+            groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": example_fields(e)} for e, o in kept]
             scoring[i] = (*score(i, groups_in), groups_in, kept, len(outs) - len(kept))
         groups, skipped = [], 0
         for i, (ref, rewarder, groups_in, kept, n_skipped) in scoring.items():
