@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 USAGE = """rlsys <command> ...
@@ -69,21 +70,40 @@ def _train(argv: list[str]) -> int:
     _setup_logging(str(Path(cfg.train.output_dir) / "train.log"))
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from rlsys.checkpoint import resolve
     from rlsys.cluster import ActorFailure, PlacementError
     from rlsys.train import train
+
+    def last_checkpoint() -> str:
+        last = resolve("auto", cfg.train.output_dir)
+        return f"{last} (continue with --resume auto)" if last else "none"
+
+    # `ray job stop`, `kill` and schedulers send SIGTERM first: unwind through train()'s cleanup
+    # (engines stop and free their shared memory, logs are closed) instead of dying mid-write.
+    # A second SIGTERM during that cleanup kills at once.
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    log = logging.getLogger("rlsys")
     try:
         with logging_redirect_tqdm():
             train(cfg, resume=args.resume)
     except (DataError, ValueError) as e:  # includes ConfigError and CheckpointError
-        logging.getLogger("rlsys").error("%s", e)
+        log.error("%s", e)
         return 2
     except (ActorFailure, PlacementError) as e:
-        from rlsys.checkpoint import resolve
-        last = resolve("auto", cfg.train.output_dir)
-        logging.getLogger("rlsys").error("run failed: %s. Last checkpoint: %s", e,
-                                         f"{last} (continue with --resume auto)" if last else "none")
+        log.error("run failed: %s. Last checkpoint: %s", e, last_checkpoint())
         return 1
+    except Terminated:
+        log.error("stopped by SIGTERM. Last checkpoint: %s", last_checkpoint())
+        return 128 + signal.SIGTERM
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised in the main thread so that every cleanup runs; a BaseException so
+    that no `except Exception` on the way swallows it)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,13 @@ random ports, so it never touches another Ray on the machine and dies with the d
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 
 from rlsys.config import ClusterConfig
 
@@ -52,14 +55,29 @@ def connect(cfg: ClusterConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        with _keep_sigterm_handler():
+            ray.init(address=address, log_to_driver=True)
         return
     # Socket paths must stay short (<108 bytes), hence a short temp dir under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rlsys-ray-", dir="/tmp")
     log.info("starting a local Ray head (%d logical CPUs, temp dir %s)", cfg.num_cpus, temp_dir)
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=temp_dir,
-             object_store_memory=int(cfg.object_store_gib * (1 << 30)), log_to_driver=True,
-             configure_logging=False)
+    with _keep_sigterm_handler():
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=temp_dir,
+                 object_store_memory=int(cfg.object_store_gib * (1 << 30)), log_to_driver=True,
+                 configure_logging=False)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init installs a native SIGTERM handler in the driver that prints a stack trace and
+    aborts, skipping every cleanup; the caller's Python handler (the CLI's graceful stop) is put
+    back after it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def shutdown() -> None:

@@ -90,3 +90,47 @@ def test_cli_reports_the_shortfall_and_exits(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "CPU: asked 13.5, available 4" in proc.stderr and "2 x learner rank" in proc.stderr
     assert "Last checkpoint: none" in proc.stderr
+
+
+def test_sigterm_stops_the_run_cleanly(tmp_path):
+    """`kill` / `ray job stop` send SIGTERM: the run unwinds through its cleanup (engines stop and
+    free their shared memory, Ray goes down, logs are closed) and exits 143 naming the last
+    checkpoint, instead of Ray's native handler aborting with a stack trace."""
+    import signal
+
+    from actors.rollout import _shm_segments
+    from rlsys.data.polaris import write_polaris_dataset
+    from rlsys.models import build_tiny_model
+    from rlsys.tracking import read_metrics
+
+    model = build_tiny_model(tmp_path / "m")
+    data = write_polaris_dataset(tmp_path / "d", n=4, seed=0, fmt="jsonl")["train"]
+    run = tmp_path / "run"
+    shm_before = _shm_segments()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlsys.cli", "train", "/dev/null", f"model.path={model}", "model.dtype=float32",
+         f"data.path={data}", "data.format=polaris", "reward.recipe=polaris", "reward.weights={rep: -1.0}",
+         "rollout.max_new_tokens=8", "rollout.max_model_len=512", "rollout.kv_cache_gib=0.25",
+         "learner.gradient_checkpointing=false", "train.steps=500", f"train.output_dir={run}"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not read_metrics(run):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
+    temp = (run / "train.log").read_text().split("temp dir ", 1)[1].split(")", 1)[0]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM. Last checkpoint: none" in err and "SIGTERM received" not in err
+    assert (run / "metrics.json").is_file()                         # the tracker was closed
+    time.sleep(2)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p, temp)]
+    assert not left, "Ray processes of the stopped run are still running"
+    assert not (_shm_segments() - shm_before), "the engine's shared memory was not freed"
+
+
+def _cmdline(pid: str, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
