@@ -17,7 +17,7 @@ import ast
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["DataError", "TurnExample", "read_rows", "parse_row", "load_examples"]
 
@@ -229,6 +229,30 @@ def _files(path: Path, split: str | None) -> list[Path]:
     if not found:
         raise DataError(f"{path}: no .parquet or .jsonl files")
     return found
+
+
+def load_unique_rows(path: str | Path, split: str | None, limit: int | None,
+                     parse: Callable[[Any, str, int, Path], Any],
+                     keep: Callable[[Any], bool] = lambda record: True) -> list:
+    """Rows of a file or dataset directory, each validated by `parse(record, where, position,
+    file)` (even when `keep(record)` then leaves it out), at most `limit` of them, with unique
+    `uid`s: rollouts and caches are keyed by them."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    out: list = []
+    seen: dict[str, str] = {}
+    for file in _files(Path(path), split):
+        for position, (where, record) in enumerate(read_rows(file)):
+            if limit is not None and len(out) >= limit:
+                return out
+            example = parse(record, where, position, file)
+            if not keep(record):
+                continue
+            if example.uid in seen:
+                raise DataError(f"{where}: field 'uid' is {example.uid!r}, already used by {seen[example.uid]}")
+            seen[example.uid] = where
+            out.append(example)
+    return out
 
 
 def load_examples(path: str | Path, split: str | None = None,

@@ -18,7 +18,7 @@ from rewards.judge_rubric import prompt_text
 from rewards.polaris import target_word_count
 # The turn reader's row plumbing (located errors, chat-message checks, file resolution) is reused
 # so both schemas report problems identically.
-from rlsys.data.episodebench import DataError, _as_list, _as_structure, _files, _int, _message, _Row, read_rows
+from rlsys.data.episodebench import DataError, _as_list, _as_structure, _int, _message, _Row, load_unique_rows
 from rlsys.data.synth import chat_message_type, write_rows
 
 __all__ = ["PolarisExample", "parse_polaris_row", "load_polaris", "write_polaris_dataset", "polaris_synth_main"]
@@ -90,22 +90,8 @@ def load_polaris(path: str | Path, split: str | None = None, limit: int | None =
     For a file, ``split`` keeps rows whose ``split`` / ``extra_info.split`` matches (rows without
     one are kept). Uids must be unique: rollouts and caches are keyed by them.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    out: list[PolarisExample] = []
-    seen: dict[str, str] = {}
-    for file in _files(Path(path), split):
-        for position, (where, record) in enumerate(read_rows(file)):
-            if limit is not None and len(out) >= limit:
-                return out
-            example = parse_polaris_row(record, where, position)
-            if split is not None and _row_split(record) not in ("", split):
-                continue
-            if example.uid in seen:
-                raise DataError(f"{where}: field 'uid' is {example.uid!r}, already used by {seen[example.uid]}")
-            seen[example.uid] = where
-            out.append(example)
-    return out
+    return load_unique_rows(path, split, limit, lambda record, where, position, _: parse_polaris_row(record, where, position),
+                            keep=lambda record: split is None or _row_split(record) in ("", split))
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsys.data.episodebench import DataError, _files, _Row, read_rows
+from rlsys.data.episodebench import _Row, load_unique_rows
 from rlsys.data.polaris import _prompt
 
 
@@ -43,18 +43,8 @@ def parse_prompt_row(record: Any, where: str, default_uid: str) -> PromptExample
 
 def load_prompts(path: str | Path, split: str | None = None, limit: int | None = None) -> list[PromptExample]:
     """Examples from a file or a dataset directory; uids must be unique."""
-    out: list[PromptExample] = []
-    seen: dict[str, str] = {}
-    for file in _files(Path(path), split):
-        for position, (where, record) in enumerate(read_rows(file)):
-            if limit is not None and len(out) >= limit:
-                return out
-            example = parse_prompt_row(record, where, f"{file.name}:{position}")
-            if example.uid in seen:
-                raise DataError(f"{where}: field 'uid' is {example.uid!r}, already used by {seen[example.uid]}")
-            seen[example.uid] = where
-            out.append(example)
-    return out
+    return load_unique_rows(path, split, limit,
+                            lambda record, where, position, file: parse_prompt_row(record, where, f"{file.name}:{position}"))
 
 
 def example_fields(example: Any) -> dict[str, Any]:
