@@ -16,21 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from proc_utils import pids_mentioning
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _procs_mentioning(text: str) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                out.append(int(pid))
-        except OSError:
-            continue
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def cluster():
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in [p for t in temps for p in _procs_mentioning(t)]:
+            for pid in [p for t in temps for p in pids_mentioning(t)]:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from proc_utils import pids_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 RLSYS = [sys.executable, "-m", "rlsys.cli", "train"]
@@ -69,7 +70,7 @@ def _kill_tree(proc: subprocess.Popen, run_dir: Path) -> None:
     temp = log.split("temp dir ", 1)[1].split(")", 1)[0] if "temp dir " in log else None
     deadline = time.monotonic() + 30
     while temp and time.monotonic() < deadline:
-        left = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, temp)]
+        left = pids_mentioning(temp)
         if not left:
             break
         for pid in left:
@@ -80,13 +81,6 @@ def _kill_tree(proc: subprocess.Popen, run_dir: Path) -> None:
         time.sleep(0.5)
     for name in _shm_segments() - _mapped_shm_segments() - SHM_BEFORE:
         Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def _cmdline_has(pid: str, text: str) -> bool:
-    try:
-        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
 
 
 SHM_BEFORE: set[str] = set()

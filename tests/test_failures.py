@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from proc_utils import pids_mentioning
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,13 +125,7 @@ def test_sigterm_stops_the_run_cleanly(tmp_path):
     assert "stopped by SIGTERM. Last checkpoint: none" in err and "SIGTERM received" not in err
     assert (run / "metrics.json").is_file()                         # the tracker was closed
     time.sleep(2)
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p, temp)]
+    left = pids_mentioning(temp)
     assert not left, "Ray processes of the stopped run are still running"
     assert not (_shm_segments() - shm_before), "the engine's shared memory was not freed"
 
-
-def _cmdline(pid: str, text: str) -> bool:
-    try:
-        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
