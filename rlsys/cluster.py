@@ -168,17 +168,13 @@ def check_local_head_fits(demands: list[tuple[str, int, dict[str, float]]]) -> N
 
 
 def wait_for_placement(pg, bundles: list[dict[str, float]], timeout_s: float, what: str) -> None:
-    """Wait for a placement group; a cluster that cannot hold it (a local head we started, which
-    never grows, at once; a joined cluster, which may autoscale, after `timeout_s`) raises a
-    PlacementError with resources asked vs. available instead of waiting forever."""
+    """Wait for a placement group; one the cluster cannot hold raises a PlacementError with
+    resources asked vs. available after `timeout_s` instead of waiting forever (on a local head,
+    which never grows, `check_local_head_fits` has already refused such a run at once)."""
     import ray
     from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import remove_placement_group
 
-    short = placement_shortfall(bundles, ray.cluster_resources())
-    if short and _started_here:
-        remove_placement_group(pg)
-        raise PlacementError(f"{what}: this local Ray head cannot hold {bundles}: " + _describe(short))
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except GetTimeoutError:
