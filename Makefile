@@ -53,9 +53,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" tests
 
-# Recipe B on CPU: needs a judge endpoint (see configs/polaris_local.yaml).
+# Recipe B on CPU: needs a judge endpoint (see configs/polaris_no_hri.yaml).
 demo-polaris: install data/polaris/train.parquet
-	$(VENV)/bin/rlsys train configs/polaris_local.yaml
+	$(VENV)/bin/rlsys train configs/polaris_no_hri.yaml
 
 bench: install
 	$(PY) benchmarks/judge_throughput.py

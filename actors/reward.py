@@ -1,6 +1,5 @@
-"""Reward actor: a thin Ray shell that owns the recipe's heavy state and scores whole groups.
-
-Recipe A: the sentence-transformers model for R_div. Recipe B: a ``JudgeScorer`` (its cache,
+"""Reward actor: a thin Ray shell around the configured channels (rewards/registry.py) and
+their heavy state: the sentence-transformers model for div, a ``JudgeScorer`` for sq (its cache,
 metrics and, under Ray, its pool of judge-worker actors sharing the cluster-wide limiter).
 Scoring runs here, off the driver, so the driver can keep generation flowing while earlier
 groups are scored (the driver submits each group as soon as its generation finishes).
@@ -12,9 +11,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rewards.functions import add_function_channels, load_reward_function
-from rewards.groups import episodebench_group_rewards, polaris_group_rewards
-from rlsys.config import RECIPE_CHANNELS, RewardConfig
+from rewards.channels import ChannelScorer
+from rewards.registry import build_channels
+from rlsys.config import RewardConfig
 
 if TYPE_CHECKING:
     from rlsys.judge import JudgeScorer
@@ -58,49 +57,42 @@ def merge_judge_metrics(per_actor: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+class _ActorResources:
+    """Heavy state for the built-in channels, built only when a channel asks for it."""
+
+    def __init__(self, cfg: RewardConfig, judge_cfg: dict[str, Any] | None) -> None:
+        self.cfg, self.judge_cfg = cfg, judge_cfg
+        self.judge_scorer: "JudgeScorer | None" = None
+
+    def encoder(self):
+        return load_encoder(self.cfg.diversity.model)
+
+    def judge(self) -> "JudgeScorer":
+        self.judge_scorer = make_judge_scorer(self.cfg.judge, self.judge_cfg)
+        return self.judge_scorer
+
+
 class RewardWorker:
-    """Scores whole groups for the configured recipe (one per `reward.num_actors`)."""
+    """Scores whole groups on the configured channels (one actor per `reward.num_actors`)."""
 
     def __init__(self, cfg: RewardConfig, judge_cfg: dict[str, Any] | None = None):
         self.cfg = cfg
-        self.channels = [c for c, w in cfg.weights.items() if w != 0]
-        # The recipe's own channels, then any configured function channels on top.
-        self.builtin = [c for c in self.channels if c in RECIPE_CHANNELS[cfg.recipe]]
-        self.functions = {c: load_reward_function(cfg.functions[c]) for c in self.channels if c in cfg.functions}
-        self.encoder = load_encoder(cfg.diversity.model) if "div" in self.channels else None
-        # No sq weight, no judge calls: the rule channels alone need nothing remote.
-        self.judge = make_judge_scorer(cfg.judge, judge_cfg) \
-            if cfg.recipe == "polaris" and "sq" in self.channels else None
+        res = _ActorResources(cfg, judge_cfg)
+        self.scorer = ChannelScorer(build_channels(cfg, cfg.active_channels(), res))
+        self.judge = res.judge_scorer  # None unless the sq channel is active
         self.busy_s = 0.0
 
     def score_groups(self, groups: list[dict]) -> list[dict[str, list]]:
-        """`groups`: [{"texts": [...], "example": example fields}] -> [{channel: [r per text]}],
-        plus "valid"/"mask_reason" per text for recipe B (judge-masked samples)."""
+        """`groups`: [{"texts": [...], "example": example fields}] -> per group {channel: [value
+        per text], "valid": [...], "mask_reason": [...]} (rewards.channels.score_channels)."""
         t0 = time.perf_counter()
-        if not self.builtin:
-            out = [{} for _ in groups]
-        elif self.cfg.recipe == "polaris":
-            out = self._score_polaris(groups)
-        else:
-            length = self.cfg.length
-            out = [episodebench_group_rewards(g["texts"], g["example"]["reference_next_episode"],
-                                              channels=self.builtin, l_min=length.l_min, l_max=length.l_max,
-                                              sigma=length.sigma, strict=self.cfg.strict_format,
-                                              encoder=self.encoder, eta=self.cfg.diversity.eta)
-                   for g in groups]
-        for o, g in zip(out, groups):
-            add_function_channels(o, g["texts"], g["example"], self.functions)
+        out = self.scorer.score_groups(groups)
         self.busy_s += time.perf_counter() - t0
         return out
 
-    def _score_polaris(self, groups: list[dict]) -> list[dict[str, list]]:
-        # All groups of the call go to the judge at once, so its workers see the whole backlog.
-        verdicts = self.judge.score_groups(
-            [[{"prompt": g["example"]["messages"], "story": t} for t in g["texts"]] for g in groups]
-        ) if self.judge is not None else [None] * len(groups)
-        return [polaris_group_rewards(g["texts"], g["example"]["messages"], v, channels=self.builtin,
-                                      target=g["example"].get("target_word_count"))
-                for g, v in zip(groups, verdicts)]
+    def channel_metrics(self) -> dict[str, float]:
+        """Per-channel seconds, masked samples, errors and timeouts since the last call."""
+        return self.scorer.pop_metrics()
 
     def judge_metrics(self) -> dict[str, float]:
         """Cumulative judge metrics as ``judge/<name>`` floats (numbers only: no key, URL or
@@ -124,7 +116,8 @@ class RewardWorker:
         return self.judge.load_cache(path)
 
     def shutdown(self) -> None:
-        """Close the judge (its HTTP clients and worker actors) before the actor is killed."""
+        """Close the channels and the judge (its HTTP clients and worker actors) before the actor is killed."""
+        self.scorer.close()
         if self.judge is not None:
             self.judge.close()
             self.judge = None

@@ -129,11 +129,24 @@ class RolloutWorker:
         # The template already holds any BOS/role tokens; do not add specials twice.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def encode_reference(self, text: str, max_new_tokens: int) -> dict[str, Any]:
+        """A human reference response as a teacher-forced sample (POLARIS HRI): its token ids
+        (ending with EOS unless cut at `max_new_tokens`), the text those tokens decode to (what
+        is scored, so reward and trained tokens agree), no sampler log-probs."""
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        eos = self.tokenizer.eos_token_id
+        truncated = len(ids) + (eos is not None) > max_new_tokens
+        ids = ids[:max_new_tokens] if truncated else ids + ([eos] if eos is not None else [])
+        return {"token_ids": ids, "logprobs": None, "is_reference": True,
+                "text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                "finish_reason": "reference_truncated" if truncated else "reference"}
+
     def generate(self, prompts: Sequence[list[dict[str, str]]], sampling: dict[str, Any],
-                 n: int) -> list[dict[str, Any]]:
+                 n: int, references: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """Sample `n` completions for each chat prompt. Returns one dict per prompt, in order.
         A prompt with no room for `max_new_tokens` is returned with `skipped` set and no
-        samples instead of failing the batch."""
+        samples instead of failing the batch. With `references` (one text or None per prompt),
+        each prompt's reference comes back as `reference` (`encode_reference`)."""
         t0 = time.perf_counter()
         limit = self.max_model_len - int(sampling["max_new_tokens"])
         results: list[dict[str, Any]] = []
@@ -153,6 +166,8 @@ class RolloutWorker:
             )
             for (i, _), out in zip(todo, outputs):
                 results[i]["samples"] = convert_request_output(out)
+                if references is not None and references[i] is not None:
+                    results[i]["reference"] = self.encode_reference(references[i], int(sampling["max_new_tokens"]))
         st = self._stats
         st["generate_calls"] += 1
         st["generate_seconds"] += time.perf_counter() - t0

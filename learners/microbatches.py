@@ -34,7 +34,7 @@ class MicroBatch:
     target_mask: torch.Tensor      # [b, T-1] bool: which log-probs to compute at all
     advantages: torch.Tensor       # [b] float32
     behaviour: torch.Tensor | None       # [b, T-1] float32 sampler log-probs (0 where absent)
-    behaviour_mask: torch.Tensor | None  # [b, T-1] bool
+    behaviour_mask: torch.Tensor | None  # [b, T-1] bool (False on rows without sampler log-probs)
     n_real: int                    # real sequences (0 for a filler micro-batch)
 
     @property
@@ -92,6 +92,7 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
         loss_mask = torch.zeros((len(rows), t - 1))
         resp_mask = torch.zeros((len(rows), t - 1), dtype=torch.bool)
         beh = torch.zeros((len(rows), t - 1)) if behaviour is not None else None
+        has_beh = torch.zeros((len(rows), 1), dtype=torch.bool)  # a teacher-forced row has none
         for j, i in enumerate(rows):
             n, p = len(ids[i]), plens[i]
             input_ids[j, :n] = torch.tensor(ids[i], dtype=torch.long)
@@ -101,10 +102,11 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
                 loss_mask[j, :n - 1] = torch.tensor(_to_targets(masks[i], p, n, f"loss_mask[{i}]"))
             else:
                 loss_mask[j, p - 1:n - 1] = 1.0
-            if beh is not None:
+            if beh is not None and behaviour[i] is not None:
                 beh[j, :n - 1] = torch.tensor(_to_targets(behaviour[i], p, n, f"behaviour_logprobs[{i}]"))
+                has_beh[j] = True
         out.append(MicroBatch(
             input_ids, attn, loss_mask, resp_mask | (loss_mask > 0),
             torch.tensor([float(advs[i]) for i in rows]),
-            beh, resp_mask if beh is not None else None, len(rows)))
+            beh, resp_mask & has_beh if beh is not None else None, len(rows)))
     return out

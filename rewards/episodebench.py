@@ -19,8 +19,8 @@ Markers inside JSON strings (*ours*): a story may quote a code fence or a think 
 the think tags, the fence opener (three backticks + "json") and the fence closer (three
 backticks) are markers only outside the JSON answer. A marker is content when it lies inside
 a complete, parseable object (a ``{`` before it that closes after it and loads, with the
-repairs of ``rewards._jsonish``) opening in the answer text; see ``strip_think`` for
-reasoning blocks. The fence opens at the first opener outside such an object and closes at
+repairs of ``rewards._jsonish``) opening in the answer text; reasoning blocks follow the one rule of
+``rewards/think.py``. The fence opens at the first opener outside such an object and closes at
 the first closer after it that is outside the object the fence holds (equivalently: of the
 candidate ends, the first that leaves the object whole). If that object is truncated or does
 not parse, the first closer ends the fence, as a plain regex would. Inside a reasoning block
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards._jsonish import OutsideFinder, extract_object
+from rewards.think import strip_think
 
 __all__ = [
     "ParsedResponse",
@@ -57,8 +58,6 @@ __all__ = [
 # Weights of the three format indicators (public code's split of the card's 0.4 + 0.6).
 W_FENCE, W_DICT, W_SCHEMA = 0.15, 0.25, 0.6
 
-_THINK_TAG = re.compile(r"<(/?)think>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 _FENCE_OPEN = re.compile(r"```json[ \t]*\r?\n?", re.IGNORECASE)
 _FENCE_MARK = re.compile(r"```")
 
@@ -91,40 +90,6 @@ class ParsedResponse:
     strict_valid: bool
     next_episode: str | None
     narrative_texts: list[str] = field(default_factory=list)
-
-
-def strip_think(text: str) -> str:
-    """Remove reasoning blocks so only the answer is parsed.
-
-    Closed ``<think>…</think>`` blocks go. A ``</think>`` with no opening tag means the
-    chat template opened the block in the prompt, so everything before it is reasoning.
-    An opening ``<think>`` that is never closed swallows the rest of the text: the model
-    ran out of tokens while still thinking, and whatever JSON it drafted there is not an
-    answer. Tags are case-insensitive.
-
-    A tag inside a string of a complete, parseable JSON object in the answer (``"I <think>
-    so"``) is content, not a boundary. Inside a reasoning block only the first ``</think>``
-    matters: reasoning is free text, so no JSON is read there. Non-str input gives "".
-    """
-    if not isinstance(text, str):
-        return ""
-    finder = OutsideFinder(text)
-    kept: list[str] = []
-    pos = 0   # start of the answer text not yet kept
-    while True:
-        tag = finder.find(_THINK_TAG, pos)
-        if tag is None:
-            break
-        if tag.group(1):  # an orphan </think>: everything before it is reasoning
-            kept, pos = [], tag.end()
-            continue
-        kept.append(text[pos:tag.start()])
-        close = _THINK_CLOSE.search(text, tag.end())
-        if close is None:  # never closed: the rest is reasoning
-            return "".join(kept).strip()
-        pos = close.end()
-    kept.append(text[pos:])
-    return "".join(kept).strip()
 
 
 def _dialogue_ok(d: Any) -> bool:

@@ -1,21 +1,34 @@
-"""Reward channels computed by plain Python functions named in the configuration.
-
-A channel function scores one sample: ``fn(text, **example_fields) -> float | None``. It receives
-the example fields its signature names (all of them if it takes ``**kwargs``). ``None``, a
-non-finite value, a non-number or an exception mean "no reward for this sample": the sample is
-masked with the reason (the exception's type and message) instead of crashing the run, exactly
-as a failed judge call is. Pure: no Ray, vLLM or HTTP.
-"""
+"""Loading the user's reward functions named in the configuration (`module:function` or
+`path/to/file.py:function`), with the checks that make a mistake fail before Ray starts.
+How they are called, and how their failures mask samples: rewards/channels.py. Pure: no Ray,
+vLLM or HTTP."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import inspect
-import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 RewardFn = Callable[..., Any]
+
+
+_FILE_MODULES: dict[tuple[str, int], Any] = {}
+
+
+def _import_file(spec: str, path: Path) -> Any:
+    """Import a .py file once per version of it (several channels may name one file, and its
+    module-level state, e.g. an HTTP client, should exist once)."""
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _FILE_MODULES:
+        module_spec = importlib.util.spec_from_file_location(f"rlsys_reward_{abs(hash(key[0]))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file: report, don't crash with a traceback
+            raise ValueError(f"{spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        _FILE_MODULES[key] = module
+    return _FILE_MODULES[key]
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -28,13 +41,7 @@ def load_reward_function(spec: str) -> RewardFn:
         path = Path(target).expanduser()
         if not path.is_file():
             raise ValueError(f"{spec!r}: file {target} does not exist")
-        mod_name = f"rlsys_reward_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:  # the user's file: report, don't crash with a traceback
-            raise ValueError(f"{spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+        module = _import_file(spec, path)
     else:
         try:
             module = importlib.import_module(target)
@@ -53,57 +60,12 @@ def load_reward_function(spec: str) -> RewardFn:
     return fn
 
 
-def _kwargs_for(fn: RewardFn, example: dict[str, Any]) -> dict[str, Any]:
-    params = list(inspect.signature(fn).parameters.values())
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return dict(example)
-    names = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in example.items() if k in names}
+def check_kwargs(spec: str, fn: RewardFn, kwargs: dict[str, Any]) -> None:
+    """Raise ValueError naming any configured keyword argument the function does not take."""
+    from rewards.channels import signature_fields
 
-
-def score_function_channel(fn: RewardFn, texts: Sequence[Any], example: dict[str, Any]
-                           ) -> tuple[list[float], list[str | None]]:
-    """(value per text, mask reason per text or None). A masked sample's value is NaN."""
-    kwargs = _kwargs_for(fn, example)
-    values: list[float] = []
-    reasons: list[str | None] = []
-    for text in texts:
-        try:
-            v = fn(text, **kwargs)
-        except Exception as e:  # untrusted: the sample is masked with the reason, the run goes on
-            values.append(math.nan)
-            reasons.append(f"{type(e).__name__}: {e}"[:300])
-            continue
-        if v is None:
-            values.append(math.nan)
-            reasons.append("reward function returned None")
-            continue
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            x = math.nan
-        if not math.isfinite(x):
-            values.append(math.nan)
-            reasons.append(f"reward function returned {v!r}"[:300])
-            continue
-        values.append(x)
-        reasons.append(None)
-    return values, reasons
-
-
-def add_function_channels(scored: dict[str, list], texts: Sequence[Any], example: dict[str, Any],
-                          functions: dict[str, RewardFn]) -> dict[str, list]:
-    """Add each function channel to one group's `scored` dict ({channel: [values]}, optional
-    "valid"/"mask_reason") and fold its masks in (the first reason of a sample is kept)."""
-    n = len(texts)
-    valid = list(scored.get("valid") or [True] * n)
-    reasons = list(scored.get("mask_reason") or [None] * n)
-    for channel, fn in functions.items():
-        values, why = score_function_channel(fn, texts, example)
-        scored[channel] = values
-        for j, r in enumerate(why):
-            if r is not None and valid[j]:
-                valid[j], reasons[j] = False, f"{channel}: {r}"
-    if functions:
-        scored["valid"], scored["mask_reason"] = valid, reasons
-    return scored
+    required, optional, var_kw = signature_fields(fn)
+    unknown = sorted(set(kwargs) - required - optional)
+    if unknown and not var_kw:
+        raise ValueError(f"{spec!r}: kwargs {unknown} are not parameters of {fn.__name__} "
+                         f"(it takes {sorted(required | optional) or 'only the text'})")

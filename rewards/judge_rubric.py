@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from rewards.think import strip_think
+
 PROMPT_TEMPLATE_VERSION = "polaris-judge-v1"
 
 
@@ -114,7 +116,6 @@ POLARIS_RUBRIC = Rubric(
 
 # ----------------------------------------------------------------------------- prompt side
 
-_THINK_END = "</think>"
 # A sentence (or, failing that, a phrase) that states the target length, e.g.
 # "The story should be approximately 3000 words long." The judge must not see it (recipe B).
 _LENGTH_SENTENCE = re.compile(r"[^.!?\n]*\b[\d,]+\s*-?\s*words?\s+long\b[^.!?\n]*[.!?]?", re.IGNORECASE)
@@ -125,18 +126,10 @@ _LENGTH_PHRASE = re.compile(
 
 
 def visible_story(output: str) -> str:
-    """The part of a policy output the judge sees: everything after the last ``</think>``.
-
-    An output with ``<think>`` but no closing tag is all reasoning (truncated) -> empty story.
-    A non-str output (None) is no story either.
-    """
-    if not isinstance(output, str):
-        return ""
-    if _THINK_END in output:
-        return output.rsplit(_THINK_END, 1)[1].strip()
-    if "<think>" in output:
-        return ""
-    return output.strip()
+    """The part of a policy output the judge sees: its answer part under the one ``<think>``
+    rule (``rewards.think``), stripped. An output with ``<think>`` but no closing tag is all
+    reasoning (truncated): empty story. A non-str output (None) is no story either."""
+    return strip_think(output)
 
 
 def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
@@ -272,10 +265,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _unwrap(content: str) -> str:
-    """Drop a leading reasoning block and one fence wrapping the *whole* reply; nothing else."""
-    text = content.strip()
-    if text.startswith("<think>") and _THINK_END in text:
-        text = text.split(_THINK_END, 1)[1].strip()
+    """Drop the judge's reasoning (the one ``<think>`` rule) and one fence wrapping the *whole*
+    reply; nothing else."""
+    text = strip_think(content)
     fence = re.fullmatch(r"```(?:json)?\s*\n(.*)\n```", text, flags=re.DOTALL)
     return fence.group(1).strip() if fence else text
 

@@ -1,8 +1,9 @@
 """Rule channels of recipe B (POLARIS): self-repetition, length and blank penalties.
 
 Pure module (no Ray, vLLM or HTTP), like the rest of ``rewards/``. Every function takes the raw
-policy output; only the story -- the text after the last ``</think>`` -- is measured, exactly the
-part the judge grades (an output that opens ``<think>`` and never closes it has no story).
+policy output; only the story -- its answer part under the one ``<think>`` rule of
+``rewards/think.py`` -- is measured, exactly the part the judge grades (an output that opens
+``<think>`` and never closes it has no story).
 
 Channels (all >= 0; the recipe's negative weights turn them into penalties):
 
@@ -38,12 +39,12 @@ import math
 import re
 
 from rewards.judge_rubric import prompt_text as _prompt_text
+from rewards.think import answer_text
 
 __all__ = ["REP_CAP", "story_part", "word_count", "target_word_count", "length_bounds", "length_penalty",
            "blank_penalty", "repeated_ngram_ratio", "local_repetition_ratio", "duplicate_line_ratio",
            "self_repetition", "polaris_rule_channels"]
 
-_THINK_END = "</think>"
 # "approximately 1,500 words long": thousands separators are allowed, else "1,500" would read as 500.
 # The look-behind and possessive quantifiers keep the search linear on hostile text (a long run
 # of digits would otherwise be re-scanned from each of its positions).
@@ -61,16 +62,10 @@ MAX_REP_CHARS = 262_144
 
 
 def story_part(output: str) -> str:
-    """The raw text after the last ``</think>`` (unstripped; ``visible_story`` is its strip).
-
-    An output with ``<think>`` and no closing tag is all (truncated) reasoning: no story.
-    Non-str output has no story: "".
-    """
-    if not isinstance(output, str):
-        return ""
-    if _THINK_END in output:
-        return output.rsplit(_THINK_END, 1)[1]
-    return "" if "<think>" in output else output
+    """The story: the answer part of the output under the one ``<think>`` rule
+    (``rewards.think.answer_text``), unstripped; ``visible_story`` is its strip. An output with
+    ``<think>`` and no closing tag is all (truncated) reasoning: no story. Non-str: ""."""
+    return answer_text(output)
 
 
 def word_count(output: str) -> int:

@@ -12,8 +12,17 @@ from collections import Counter
 
 import torch
 
-from rewards.groups import group_is_usable
+from rewards.channels import active_channels
 from rlsys.algorithms import ADVANTAGE_ESTIMATORS
+
+
+# Group statistics (mean, std) need two rewards: a group with fewer valid samples is dropped.
+MIN_VALID_PER_GROUP = 2
+
+
+def group_is_usable(valid: list[bool]) -> bool:
+    """Whether a group keeps enough valid (scored) samples for GRPO statistics."""
+    return sum(bool(v) for v in valid) >= MIN_VALID_PER_GROUP
 
 
 def mask_nonfinite(samples: list[dict], channels: list[str]) -> int:
@@ -38,10 +47,15 @@ def _finite(x) -> bool:
         return False
 
 
+def is_reference(sample: dict) -> bool:
+    """An injected human reference (POLARIS HRI): trained on, never part of group statistics."""
+    return bool(sample.get("is_reference", False))
+
+
 def group_is_constant(group: list[dict], channels: list[str], threshold: float) -> bool:
-    """True when every channel's population std over the group's valid samples is <= threshold:
-    the group expresses no preference, so every advantage is ~0."""
-    valid = [s for s in group if s.get("valid", True)]
+    """True when every channel's population std over the group's valid policy samples is <=
+    threshold: the group expresses no preference, so every advantage is ~0."""
+    valid = [s for s in group if s.get("valid", True) and not is_reference(s)]
     for c in channels:
         x = [float(s[f"reward_{c}"]) for s in valid]
         mean = sum(x) / len(x)
@@ -53,14 +67,14 @@ def group_is_constant(group: list[dict], channels: list[str], threshold: float) 
 def screen_groups(groups: list[list[dict]], channels: list[str], *, filter_constant: bool = False,
                   std_threshold: float = 0.0) -> tuple[list[list[dict]], Counter]:
     """The one group-validity rule, applied to freshly scored groups, in order:
-    non-finite rewards are masked; a group left with fewer than 2 valid samples is dropped (no
-    statistics from one sample); optionally a zero-variance group is filtered (DAPO). Returns the
+    non-finite rewards are masked; a group left with fewer than 2 valid policy samples (an
+    injected reference does not count) is dropped (no statistics from one sample); optionally a zero-variance group is filtered (DAPO). Returns the
     kept groups and counts: masked_nonfinite, dropped_groups, filtered_groups."""
     counts: Counter = Counter()
     kept = []
     for g in groups:
         counts["masked_nonfinite"] += mask_nonfinite(g, channels)
-        if not group_is_usable([s.get("valid", True) for s in g]):
+        if not group_is_usable([s.get("valid", True) for s in g if not is_reference(s)]):
             counts["dropped_groups"] += 1
         elif filter_constant and group_is_constant(g, channels, std_threshold):
             counts["filtered_groups"] += 1
@@ -70,24 +84,37 @@ def screen_groups(groups: list[list[dict]], channels: list[str], *, filter_const
 
 
 def assign_advantages(groups: list[list[dict]], weights: dict[str, float], *, estimator: str = "grpo",
-                      aggregation: str = "per_channel", eps: float = 1e-6) -> None:
+                      aggregation: str = "per_channel", eps: float = 1e-6, reference_weight: float = 1.0) -> None:
     """Write `advantage` and `reward` (weighted raw sum, for logging) into every sample, per group.
 
-    Samples with `valid=False` (reward unavailable) stay out of the statistics and get 0.
+    Samples with `valid=False` (reward unavailable) stay out of the statistics and get 0. An
+    injected reference (`is_reference`) stays out of the statistics too; its advantage is its
+    reward scored against the policy samples' mean and std, times `reference_weight`.
     """
-    channels = [c for c, w in weights.items() if w != 0]
+    channels = active_channels(weights)
     w = torch.tensor([weights[c] for c in channels], dtype=torch.float64)
     fn = ADVANTAGE_ESTIMATORS[estimator]
     for group in groups:
         r = torch.tensor([[s[f"reward_{c}"] if s.get("valid", True) else 0.0 for c in channels]
                           for s in group], dtype=torch.float64)
         valid = torch.tensor([bool(s.get("valid", True)) for s in group])
-        adv = fn(r, w, valid, eps=eps, aggregation=aggregation)
+        policy = torch.tensor([not is_reference(s) for s in group])
+        adv = fn(r, w, valid, eps=eps, aggregation=aggregation, in_stats=policy)
         for s, a, row in zip(group, adv.tolist(), (r * w).sum(-1).tolist()):
+            if is_reference(s):
+                a *= reference_weight
             if not math.isfinite(a):  # e.g. rewards so large their variance overflows
                 s["valid"], s["mask_reason"], a = False, f"non-finite advantage {a!r}", 0.0
             s["advantage"] = a
             s["reward"] = row
+
+
+def reference_weight(step: int, weight: float, warmup_steps: int) -> float:
+    """POLARIS HRI: the reference's advantage weight, rising linearly from 0 (step 1, the first)
+    to `weight` over `warmup_steps` steps (reached at step warmup_steps + 1)."""
+    if warmup_steps <= 0:
+        return weight
+    return weight * min(1.0, max(0, step - 1) / warmup_steps)
 
 
 def split_mini_batches(samples: list[dict], n: int, rng: random.Random) -> list[list[dict]]:
@@ -106,14 +133,24 @@ def split_mini_batches(samples: list[dict], n: int, rng: random.Random) -> list[
 
 
 def reward_metrics(groups: list[list[dict]], channels: list[str]) -> dict[str, float]:
-    """Step means of each channel and of the weighted reward over valid samples."""
+    """Step means of each channel and of the weighted reward over valid policy samples; the
+    same for injected references under reward_ref/ (only when there are any)."""
     every = [s for g in groups for s in g]
-    samples = [s for s in every if s["valid"]]  # masked samples have no reward to average
-    n = max(len(samples), 1)
-    out = {f"reward/{c}": sum(s[f"reward_{c}"] for s in samples) / n for c in channels}
-    out["reward/weighted"] = sum(s["reward"] for s in samples) / n
-    out["rollout/response_len"] = sum(len(s["token_ids"]) for s in every) / max(len(every), 1)
-    out["rollout/masked_samples"] = float(len(every) - len(samples))
+    out: dict[str, float] = {}
+    policy = [s for s in every if not is_reference(s)]
+    refs = [s for s in every if is_reference(s)]
+    for prefix, rows in (("reward", policy), ("reward_ref", refs)):
+        scored = [s for s in rows if s["valid"]]  # masked samples have no reward to average
+        if prefix == "reward_ref" and not rows:
+            continue
+        n = max(len(scored), 1)
+        out.update({f"{prefix}/{c}": sum(s[f"reward_{c}"] for s in scored) / n for c in channels})
+        out[f"{prefix}/weighted"] = sum(s["reward"] for s in scored) / n
+    if refs:
+        out["reward_ref/advantage"] = sum(s["advantage"] for s in refs) / len(refs)
+        out["reward_ref/masked"] = float(sum(not s["valid"] for s in refs))
+    out["rollout/response_len"] = sum(len(s["token_ids"]) for s in policy) / max(len(policy), 1)
+    out["rollout/masked_samples"] = float(sum(not s["valid"] for s in policy))
     return out
 
 

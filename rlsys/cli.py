@@ -1,4 +1,4 @@
-"""`rlsys` command line: train, data synth, judge score, config-help.
+"""`rlsys` command line: train, data synth, judge score, config-help, channels.
 
 Configuration and data problems are reported as one readable message and exit code 2, before
 any cluster is started.
@@ -17,7 +17,8 @@ USAGE = """rlsys <command> ...
   data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data (recipe A)
   data synth-polaris --out DIR [--n N] [--seed S] synthetic prompt/story data (recipe B)
   judge score <judge.yaml> --input F --output F score stories with an LLM judge
-  config-help                                   every config key with its docstring"""
+  config-help                                   every config key with its docstring
+  channels                                      the built-in reward channels (reward.weights names)"""
 
 
 def _setup_logging(log_file: str | None = None) -> None:
@@ -30,6 +31,16 @@ def _setup_logging(log_file: str | None = None) -> None:
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _channels() -> int:
+    from rewards.registry import BUILTIN_CHANNELS
+
+    for b in BUILTIN_CHANNELS.values():
+        needs = f"  [data: {', '.join(b.requires)}]" if b.requires else ""
+        print(f"  {b.name:<8} per {b.per:<6} {b.doc}{needs}")
+    print("Your own: reward.functions (see README, 'Your own task').")
+    return 0
 
 
 def _config_help() -> int:
@@ -126,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         from rlsys.judge.cli import main as judge_main
         return judge_main(rest)
+    if cmd == "channels":
+        return _channels()
     if cmd == "config-help":
         return _config_help()
     print(f"rlsys: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)

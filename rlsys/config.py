@@ -128,26 +128,36 @@ class DiversityConfig(Strict):
     """Ridge added to the cosine kernel: L = K + eta*I keeps det(L) positive for duplicates."""
 
 
-RECIPE_CHANNELS = {
-    "episodebench": {"fmt", "acc", "len", "div"},
-    "polaris": {"sq", "rep", "len_pen", "blank"},
-}
+class FunctionChannelConfig(Strict):
+    function: str
+    """`package.module:function` or `path/to/file.py:function` (a path relative to the working
+    directory, which `ray job submit --working-dir .` ships to every node)."""
+    per: Literal["sample", "group"] = "sample"
+    """sample: `fn(text, **fields) -> float | None`, once per sample. group: `fn(texts, **fields)
+    -> list[float | None]`, once per group (for rewards comparing a group's samples)."""
+    kwargs: dict[str, Any] = {}
+    """Fixed keyword arguments for every call (they win over a data column of the same name)."""
+    timeout_s: float | None = Field(default=60.0, gt=0.0)
+    """Deadline of one call; a call past it masks its sample(s) (counted: reward_timeouts/<name>).
+    null: no deadline."""
+    concurrency: int = Field(default=8, ge=1)
+    """Calls in flight at once per reward actor: an `async def` function's concurrent calls (e.g.
+    to an HTTP scorer), or the worker threads of a plain function."""
 
 
 class RewardConfig(Strict):
-    recipe: Literal["episodebench", "polaris"] = "episodebench"
-    """Which reward recipe scores samples: episodebench (rule channels + DPP diversity) or
-    polaris (LLM-judge story quality with repetition/length/blank penalties)."""
     judge: str | None = None
-    """Judge config YAML (see configs/judge_local.yaml); required by the polaris recipe."""
+    """Judge config YAML (see configs/judge_local.yaml); required by the sq channel."""
     weights: dict[str, float] = Field(default_factory=lambda: {"fmt": 0.15, "acc": 0.30, "len": 0.15, "div": 0.40})
-    """λ per channel (the recipe's: fmt, acc, len, div / sq, rep, len_pen, blank; or a name from
-    `functions`). A channel with weight 0 is not computed; a negative weight minimises it."""
-    functions: dict[str, str] = {}
-    """Extra channels computed by your own Python functions: channel name -> `module:function` or
-    `path/to/file.py:function`, called per sample as `fn(text, **example_fields)` (the fields its
-    signature names) and returning a float, or None for "no reward" (the sample is masked, as
-    are exceptions and non-finite values, each with its reason). Give it a weight to use it."""
+    """λ per channel: the channels a run computes and how they add up. Built-in channels (see
+    `rlsys channels`): fmt, acc, len, div (recipe A), sq, rep, len_pen, blank (recipe B); or a
+    name from `functions`. A channel with weight 0 is not computed; a negative weight minimises it."""
+    functions: dict[str, FunctionChannelConfig] = {}
+    """Your own channels: name -> `module:function` / `path/to/file.py:function`, or a mapping
+    {function, per, kwargs, timeout_s, concurrency}. Called as `fn(text, **fields)` with the data
+    row's columns that its signature names (all with `**kwargs`); may be `async def`. Returning
+    None, NaN, a non-number, raising or missing the deadline masks that sample with the reason
+    (counted: reward_masked/<name>), never stopping the run. Give it a weight to use it."""
     aggregation: Literal["per_channel", "sum_then_norm"] = "per_channel"
     """per_channel: z-score each channel within its group, then weight and sum (recipe A card).
     sum_then_norm: weight and sum raw channels, then z-score once (public-code variant)."""
@@ -162,33 +172,50 @@ class RewardConfig(Strict):
     num_cpus: float = Field(default=0.5, gt=0.0)
     """Logical Ray CPUs each reward actor reserves."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "recipe" in data:
+            raise ValueError("reward.recipe was removed: a recipe is now the channels it lists in reward.weights "
+                             "(delete the recipe line; see configs/episodebench.yaml and configs/polaris_no_hri.yaml)")
+        if isinstance(data, dict) and isinstance(data.get("functions"), dict):
+            data = {**data, "functions": {k: {"function": v} if isinstance(v, str) else v
+                                          for k, v in data["functions"].items()}}
+        return data
+
+    def active_channels(self) -> list[str]:
+        """The channels a run computes: those with a non-zero weight, in `weights` order."""
+        from rewards.channels import active_channels
+        return active_channels(self.weights)
+
     def function_files(self) -> list[str]:
         """Files of the `functions` given as `path/to/file.py:function` (the actors import them)."""
-        return [spec.rsplit(":", 1)[0] for spec in self.functions.values() if spec.rsplit(":", 1)[0].endswith(".py")]
+        return [f.function.rsplit(":", 1)[0] for f in self.functions.values()
+                if f.function.rsplit(":", 1)[0].endswith(".py")]
 
     @model_validator(mode="after")
     def _channels(self) -> "RewardConfig":
-        known = RECIPE_CHANNELS[self.recipe]
-        clash = set(self.functions) & set().union(*RECIPE_CHANNELS.values())
+        from rewards.functions import check_kwargs, load_reward_function
+        from rewards.registry import BUILTIN_CHANNELS
+
+        clash = set(self.functions) & set(BUILTIN_CHANNELS)
         if clash:
             raise ValueError(f"functions: {sorted(clash)} would shadow built-in channel(s); pick other names")
-        unknown = set(self.weights) - known - set(self.functions)
+        unknown = set(self.weights) - set(BUILTIN_CHANNELS) - set(self.functions)
         if unknown:
-            raise ValueError(f"unknown reward channel(s) {sorted(unknown)} in weights for recipe "
-                             f"{self.recipe!r}; known: {sorted(known | set(self.functions))} "
+            raise ValueError(f"unknown reward channel(s) {sorted(unknown)} in weights; built-in: "
+                             f"{sorted(BUILTIN_CHANNELS)}, functions: {sorted(self.functions) or 'none'} "
                              "(add your own under reward.functions)")
-        from rewards.functions import load_reward_function
-        for name, spec in self.functions.items():
+        for name, f in self.functions.items():
             try:
-                load_reward_function(spec)
+                check_kwargs(f.function, load_reward_function(f.function), f.kwargs)
             except ValueError as e:
                 raise ValueError(f"functions.{name}: {e}") from None
-        if self.recipe == "polaris" and self.weights.get("sq", 0) != 0 and not self.judge:
-            raise ValueError("recipe 'polaris' needs reward.judge (the path of a judge config YAML) "
-                             "for its sq channel")
+        if "sq" in self.active_channels() and not self.judge:
+            raise ValueError("the sq channel needs reward.judge (the path of a judge config YAML)")
         if self.judge and not Path(self.judge).expanduser().is_file():
             raise ValueError(f"judge config {self.judge!r} does not exist")
-        if not any(w != 0 for w in self.weights.values()):
+        if not self.active_channels():
             raise ValueError("all reward weights are 0: nothing to learn from")
         return self
 
@@ -205,6 +232,20 @@ class GroupFilterConfig(Strict):
     survive, or `max_refill_rounds` extra rounds are spent; surplus groups are left out."""
     max_refill_rounds: int = Field(default=3, ge=0)
     """Upper bound on extra generation rounds per step (counted: rollout/refill_rounds)."""
+
+
+class ReferenceInjectionConfig(Strict):
+    enabled: bool = False
+    """POLARIS HRI: add each prompt's human reference response to its group as a teacher-forced
+    member, scored by the same channels; group mean/std come from the policy samples only and
+    the reference's advantage (its reward against them) is scaled by a warming-up weight. The
+    learner computes its log-probs (the sampler has none). Logged apart: reward_ref/*."""
+    field: str = "story"
+    """Data field holding the reference text (POLARIS rows: `story`); every row needs it."""
+    weight: float = Field(default=0.4, ge=0.0)
+    """Final weight of the reference's advantage (recipe B: 0.4)."""
+    warmup_steps: int = Field(default=15, ge=0)
+    """Steps over which the weight rises linearly from 0 (recipe B: 15); 0 = full weight at once."""
 
 
 class AlgorithmConfig(Strict):
@@ -234,6 +275,8 @@ class AlgorithmConfig(Strict):
     one group per mini-batch."""
     filter_groups: GroupFilterConfig = GroupFilterConfig()
     """Zero-variance group filter (DAPO's dynamic sampling); off by default."""
+    reference_injection: ReferenceInjectionConfig = ReferenceInjectionConfig()
+    """Human reference injection (POLARIS-9B's HRI); off by default."""
 
     @model_validator(mode="after")
     def _registered(self) -> "AlgorithmConfig":

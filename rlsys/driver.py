@@ -104,7 +104,7 @@ class GRPORun:
         # The judge config is read here, on the driver, so a bad file fails before any actor
         # starts and workers on other nodes need no copy of it.
         judge_cfg = None
-        if rw.recipe == "polaris" and rw.weights.get("sq", 0) != 0:
+        if "sq" in rw.active_channels():
             from rlsys.judge import load_judge_config
             judge_cfg = load_judge_config(rw.judge).model_dump(mode="json")
         cls = ray.remote(num_cpus=rw.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
@@ -147,10 +147,14 @@ class GRPORun:
         chunks = [examples[i::n_chunks] for i in range(n_chunks)]
         restarts_before = self.restarts
 
+        hri = self.cfg.algorithm.reference_injection
+
         def generate(i: int):  # chunk i always on engine i % E with the same seed
             eng = self.rollouts[i % len(self.rollouts)]
+            refs = [example_fields(e)[hri.field] for e in chunks[i]] if hri.enabled else None
             return eng.generate.remote([e.messages for e in chunks[i]],
-                                       dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size), eng
+                                       dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size,
+                                       refs), eng
 
         def score(i: int, groups_in: list):
             rewarder = self.rewarders[i % len(self.rewarders)]
@@ -178,6 +182,8 @@ class GRPORun:
                 continue
             gen_done_at = time.perf_counter()
             kept = [(e, o) for e, o in zip(chunks[i], outs) if not o.get("skipped")]
+            for _, o in kept:  # the injected reference is the group's last member (HRI)
+                o["samples"] += [o.pop("reference")] if "reference" in o else []
             groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": example_fields(e)} for e, o in kept]
             scoring[i] = (*score(i, groups_in), groups_in, kept, len(outs) - len(kept))
         groups, skipped = [], 0
@@ -195,11 +201,12 @@ class GRPORun:
                 valid = scored.pop("valid", None) or [True] * len(o["samples"])
                 reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
                 groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
+                                    is_reference=bool(s.get("is_reference")),
                                     prompt_token_ids=o["prompt_token_ids"], valid=valid[j], mask_reason=reasons[j],
                                     **{f"reward_{c}": v[j] for c, v in scored.items()})
                                for j, s in enumerate(o["samples"])])
         t1 = time.perf_counter()
-        tokens = sum(len(s["token_ids"]) for g in groups for s in g)
+        tokens = sum(len(s["token_ids"]) for g in groups for s in g if not s.get("is_reference"))
         return groups, {"time/generate": gen_done_at - t0, "time/reward_wait": t1 - gen_done_at,
                         "rollout/generated_tokens": float(tokens), "rollout/skipped_prompts": float(skipped),
                         "recovery/actor_restarts": float(self.restarts - restarts_before)}
@@ -253,10 +260,13 @@ class GRPORun:
         refs += [r.update_weights.remote(self.metas, self.version) for r in self.rollouts]
         self._get(refs, f"weight broadcast (policy version {self.version})")
 
-    def judge_metrics(self) -> dict[str, float]:
-        """Judge counters summed over reward actors ({} without a judge)."""
+    def reward_actor_metrics(self) -> dict[str, float]:
+        """Judge counters (cumulative) and per-channel time / masked / errors / timeouts (since the
+        last call) summed over the reward actors."""
         from actors.reward import merge_judge_metrics
-        return merge_judge_metrics(self._get([r.judge_metrics.remote() for r in self.rewarders], "judge metrics"))
+        per_actor = self._get([r.judge_metrics.remote() for r in self.rewarders], "judge metrics")
+        per_actor += self._get([r.channel_metrics.remote() for r in self.rewarders], "reward channel metrics")
+        return merge_judge_metrics(per_actor)
 
     def save(self, path: str) -> str:
         """HF checkpoint from the learner; the judge caches go with it."""

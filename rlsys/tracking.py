@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int64(), "sample": pa.int64(),
                  "policy_version": pa.int64(), "text": pa.string(), "finish_reason": pa.string(),
                  "reward": pa.float64(), "advantage": pa.float64(), "valid": pa.bool_(),
-                 "mask_reason": pa.string(), "response_tokens": pa.int64()}
+                 "mask_reason": pa.string(), "response_tokens": pa.int64(), "is_reference": pa.bool_()}
 # metric -> progress-bar label
 SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc", "reward/len": "len",
                 "reward/div": "div", "reward/sq": "sq", "loss/total": "loss", "loss/kl": "kl",

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from rlsys import checkpoint, cluster
-from rlsys.batching import assign_advantages, reward_metrics, screen_groups
+from rlsys.batching import assign_advantages, reference_weight, reward_metrics, screen_groups
 from rlsys.config import RunConfig
-from rlsys.data.loading import load_for_config
+from rlsys.data.loading import load_for_run
 from rlsys.data.stream import PromptStream
 from rlsys.models import resolve_model
 from rlsys.tracking import RunTracker
@@ -46,13 +46,14 @@ def grpo_step(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) ->
     """One step: generate and score groups, advantages, update, broadcast."""
     t0 = time.perf_counter()
     groups, rollout = collect_groups(run, stream, cfg, channels)
-    assign_advantages(groups, cfg.reward.weights, estimator=cfg.algorithm.advantage,
-                      aggregation=cfg.reward.aggregation, eps=cfg.algorithm.norm_eps)
+    hri = cfg.algorithm.reference_injection  # its weight warms up with the policy version (= steps done)
+    assign_advantages(groups, cfg.reward.weights, estimator=cfg.algorithm.advantage, aggregation=cfg.reward.aggregation,
+                      eps=cfg.algorithm.norm_eps, reference_weight=reference_weight(run.version + 1, hri.weight, hri.warmup_steps))
     samples = [s for g in groups for s in g]
     # Masked samples (reward unavailable) stay out of the loss as well as the statistics.
     trainable = [s for s in samples if s["valid"]]
     metrics = {**rollout, **reward_metrics(groups, channels), **run.train(trainable), **run.sync_weights(),
-               **run.judge_metrics()}
+               **run.reward_actor_metrics()}
     metrics["time/step"] = time.perf_counter() - t0
     metrics["policy_version"] = float(run.version)
     return samples, metrics
@@ -64,13 +65,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
 
     t_start = time.perf_counter()
     model_dir = resolve_model(cfg.model.path)
-    examples = load_for_config(cfg.data)
-    if len(examples) < cfg.rollout.prompts_per_step:
-        raise ValueError(f"data.path has {len(examples)} prompts, fewer than rollout.prompts_per_step "
-                         f"({cfg.rollout.prompts_per_step})")
+    examples = load_for_run(cfg)  # rows checked against the reward channels' fields, before Ray
     ckpt = checkpoint.resolve(resume, cfg.train.output_dir)
     state = checkpoint.start_state(ckpt, cfg.model_dump(mode="json"))  # before Ray: a bad one fails fast
-    channels = [c for c, w in cfg.reward.weights.items() if w != 0]
+    channels = cfg.reward.active_channels()
     cluster.connect(cfg.cluster)
     cluster.check_paths_on_every_node([model_dir, cfg.data.path, *cfg.reward.function_files()])
     tracker = RunTracker(cfg.train.output_dir, cfg.train.steps, cfg.model_dump(mode="json"), resume_step=state.step)

@@ -41,6 +41,12 @@ def test_valid_config_and_overrides(base):
     ("reward.functions={mine: '/nonexistent/r.py:f'}", "file /nonexistent/r.py does not exist"),
     ("reward.functions={mine: 'no_such_module_xyz:f'}", "cannot import module 'no_such_module_xyz'"),
     ("reward.functions={mine: 'math:no_such_fn'}", "math has no function 'no_such_fn'"),
+    ("reward.functions={mine: {function: 'math:sqrt', per: pair}}", "functions.mine.per"),
+    ("reward.functions={mine: {function: 'math:sqrt', timeout_s: 0}}", "functions.mine.timeout_s"),
+    ("reward.functions={mine: {function: 'math:sqrt', concurrency: 0}}", "functions.mine.concurrency"),
+    ("reward.functions={mine: {fn: 'math:sqrt'}}", "functions.mine.fn: unknown key"),
+    ("reward.functions={mine: {function: 'math:isclose', kwargs: {tolerance: 1}}}",
+     "kwargs ['tolerance'] are not parameters of isclose"),
     ("reward.weights={mine: 1.0}", "unknown reward channel(s) ['mine']"),
 ])
 def test_bad_values_name_the_key(base, override, fragment):
@@ -55,16 +61,24 @@ def test_reward_functions_and_algorithm_keys(base, tmp_path):
     cfg = load_config(base=base, overrides=[
         f"reward.functions={{kw: '{fn}:keyword'}}", "reward.weights={fmt: 0.5, kw: 1.0}",
         "algorithm.mini_batches=4", "algorithm.filter_groups.enabled=true", "algorithm.filter_groups.refill=true"])
-    assert cfg.reward.functions == {"kw": f"{fn}:keyword"} and cfg.algorithm.mini_batches == 4
+    kw = cfg.reward.functions["kw"]
+    assert (kw.function, kw.per, kw.timeout_s, kw.concurrency) == (f"{fn}:keyword", "sample", 60.0, 8)
+    assert cfg.algorithm.mini_batches == 4
     assert cfg.algorithm.filter_groups.max_refill_rounds == 3
     bad = tmp_path / "broken.py"
     bad.write_text("import not_a_module_anywhere\n")
     with pytest.raises(ConfigError, match="functions.b: .*importing .*broken.py failed: ModuleNotFoundError"):
         load_config(base=base, overrides=[f"reward.functions={{b: '{bad}:f'}}"])
-    # polaris without its judge channel needs no judge file; with sq it does.
-    load_config(base=base, overrides=["reward.recipe=polaris", "reward.weights={rep: -1.0}"])
-    with pytest.raises(ConfigError, match="needs reward.judge"):
-        load_config(base=base, overrides=["reward.recipe=polaris", "reward.weights={sq: 1.0}"])
+    # Recipe B's rule channels need no judge file; its sq channel does.
+    load_config(base=base, overrides=["reward.weights={rep: -1.0}"])
+    with pytest.raises(ConfigError, match="the sq channel needs reward.judge"):
+        load_config(base=base, overrides=["reward.weights={sq: 1.0}"])
+    # Channels from both recipes and a user function mix in one run: nothing branches on a recipe.
+    mixed = load_config(base=base, overrides=[f"reward.functions={{kw: '{fn}:keyword'}}",
+                                              "reward.weights={fmt: 0.5, rep: -1.0, kw: 1.0, len: 0}"])
+    assert mixed.reward.active_channels() == ["fmt", "rep", "kw"]
+    with pytest.raises(ConfigError, match="reward.recipe was removed"):
+        load_config(base=base, overrides=["reward.recipe=polaris"])
 
 
 def test_missing_model_section(base):

@@ -65,7 +65,7 @@ def test_two_steps_sync_and_checkpoint(grpo_run):
     from rlsys.train import grpo_step
 
     cfg, run, root = grpo_run
-    channels = [c for c, w in cfg.reward.weights.items() if w]
+    channels = cfg.reward.active_channels()
     engine0, learner0 = _engine_vs_learner(run)
     assert set(engine0) == set(learner0) and len(engine0) > 10
     assert all(engine0[n]["sum"] == learner0[n][0] for n in engine0)   # same initial weights

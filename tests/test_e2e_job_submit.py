@@ -64,7 +64,7 @@ def _config(tmp: Path, steps: int) -> Path:
         "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12, "max_model_len": 512,
                     "kv_cache_gib": 0.25, "temperature": 0.8},
         # A relative path: resolved in the job's working directory, the uploaded repository.
-        "reward": {"recipe": "polaris", "weights": {"share": 1.0},
+        "reward": {"weights": {"share": 1.0},
                    "functions": {"share": "tests/reward_fns.py:share_a_to_m_slow"}},
         "algorithm": {"kl_coef": 0.0},
         "learner": {"num_ranks": 2, "micro_batch_size": 4, "lr": 5e-3, "gradient_checkpointing": False},

@@ -55,7 +55,7 @@ def run_task(root: Path, model_dir: str, data: Path, weight: float, steps: int =
         "data": {"path": str(data), "format": "polaris"},
         "rollout": {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 16, "max_model_len": 512,
                     "kv_cache_gib": 0.25, "temperature": 0.8, "top_p": 1.0},
-        "reward": {"recipe": "polaris", "weights": {"share": weight}, "functions": {"share": REWARD_FN}},
+        "reward": {"weights": {"share": weight}, "functions": {"share": REWARD_FN}},
         "algorithm": {"kl_coef": 0.0, "mini_batches": 2},
         "learner": {"num_ranks": 2, "micro_batch_size": 8, "lr": 5e-3, "gradient_checkpointing": False},
         "train": {"steps": steps, "output_dir": str(root / f"run{weight:+.0f}")},

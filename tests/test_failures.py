@@ -68,7 +68,7 @@ def test_placement_refused_at_once_with_what_is_missing(ray_head, tmp_path):
     model = build_tiny_model(tmp_path / "m")
     data = write_polaris_dataset(tmp_path / "d", n=4, seed=0, fmt="jsonl")["train"]
     cfg = load_config(base={"model": {"path": model}, "data": {"path": str(data), "format": "polaris"},
-                            "reward": {"recipe": "polaris", "weights": {"rep": -1.0}},
+                            "reward": {"weights": {"rep": -1.0}},
                             "learner": {"num_ranks": 2, "num_gpus": 1}})
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"GPU: asked 2, available 0"):
@@ -85,7 +85,7 @@ def test_cli_reports_the_shortfall_and_exits(tmp_path):
     data = write_polaris_dataset(tmp_path / "d", n=4, seed=0, fmt="jsonl")["train"]
     proc = subprocess.run(
         [sys.executable, "-m", "rlsys.cli", "train", "/dev/null", f"model.path={model}", f"data.path={data}",
-         "data.format=polaris", "reward.recipe=polaris", "reward.weights={rep: -1.0}", "learner.num_cpus=6",
+         "data.format=polaris", "reward.weights={rep: -1.0}", "learner.num_cpus=6",
          "cluster.num_cpus=4", f"train.output_dir={tmp_path / 'run'}"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -110,7 +110,7 @@ def test_sigterm_stops_the_run_cleanly(tmp_path):
     shm_before = _shm_segments()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlsys.cli", "train", "/dev/null", f"model.path={model}", "model.dtype=float32",
-         f"data.path={data}", "data.format=polaris", "reward.recipe=polaris", "reward.weights={rep: -1.0}",
+         f"data.path={data}", "data.format=polaris", "reward.weights={rep: -1.0}",
          "rollout.max_new_tokens=8", "rollout.max_model_len=512", "rollout.kv_cache_gib=0.25",
          "learner.gradient_checkpointing=false", "train.steps=500", f"train.output_dir={run}"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

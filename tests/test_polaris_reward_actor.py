@@ -1,6 +1,8 @@
-"""Recipe B's reward path for real: a local Ray, a `RewardWorker` actor (recipe polaris) whose
-judge-worker actors call the fault-injecting HTTP judge from tests/judge; masking, the driver's
-drop rule, advantages, judge metrics (no secret) and the judge cache as checkpoint state."""
+"""Recipe B's reward path for real: a local Ray, a `RewardWorker` actor with recipe B's channels
+(sq, rep, len_pen, blank) whose judge-worker actors call the fault-injecting HTTP judge from
+tests/judge; masking, the driver's drop rule, advantages, judge and channel metrics (no secret)
+and the judge cache as checkpoint state."""
+import math
 import os
 import shutil
 import sys
@@ -16,10 +18,9 @@ from fake_judge_server import FakeJudgeServer, expected_sq  # noqa: E402
 from judge_helpers import TEST_KEY, TEST_KEY_ENV, fast_config  # noqa: E402
 
 from actors.reward import RewardWorker, merge_judge_metrics  # noqa: E402
-from rewards.groups import group_is_usable  # noqa: E402
 from rewards.judge_rubric import visible_story  # noqa: E402
 from rewards.polaris import polaris_rule_channels  # noqa: E402
-from rlsys.batching import assign_advantages  # noqa: E402
+from rlsys.batching import assign_advantages, group_is_usable  # noqa: E402
 from rlsys.config import RewardConfig  # noqa: E402
 
 WEIGHTS = {"sq": 1.0, "rep": -1.5, "len_pen": -0.8, "blank": -1.0}
@@ -34,7 +35,7 @@ def tale(i: int, n: int = 200, extra: str = "") -> str:
 GROUPS = [  # texts per group, as the rollout would return them
     [tale(0), tale(1, 40), tale(2, extra="[[FAULTS:429,ok]]"), "The bell rang again. " * 60],
     [tale(3), tale(4, extra=BADx3), tale(5, extra="[[FAULTS:500,ok]]"), "<think>never finished"],
-    [tale(6, extra=BADx3), tale(7, extra=BADx3), tale(8), tale(9, extra=BADx3)],  # 1 scored: dropped
+    [tale(6, extra=BADx3), tale(7, extra=BADx3), tale(8), tale(9, extra=BADx3)],  # 1 scored: driver drops it
 ]
 
 
@@ -60,7 +61,7 @@ def rewarder(ray_cluster, tmp_path):
                       price_output_per_1m=4.0, workers={"min_workers": 1, "max_workers": 1, "num_cpus": 0.25})
     judge_yaml = tmp_path / "judge.yaml"
     judge_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    reward_cfg = RewardConfig(recipe="polaris", judge=str(judge_yaml), weights=WEIGHTS, aggregation="sum_then_norm")
+    reward_cfg = RewardConfig(judge=str(judge_yaml), weights=WEIGHTS, aggregation="sum_then_norm")
     actor = ray.remote(num_cpus=0.5)(RewardWorker).remote(reward_cfg)
     yield actor, srv
     ray.get(actor.shutdown.remote())
@@ -82,9 +83,9 @@ def test_polaris_reward_actor_end_to_end(rewarder, tmp_path):
     assert a["valid"] == [True] * 4 and a["mask_reason"] == [None] * 4  # 429 was retried, not masked
     assert a["sq"] == pytest.approx([expected_sq(visible_story(t)) for t in GROUPS[0]])
     assert a["blank"] == [0.0, 1.0, 0.0, 0.0] and a["rep"][3] == 1.5  # 40 words; the loop hits the cap
-    assert b["valid"] == [True, False, True, True] and b["mask_reason"][1].startswith("parse_error:")
-    assert b["sq"][1] == 0.0 and b["sq"][3] == 0.0 and b["blank"][3] == 1.0  # unfinished think: empty story
-    assert c["valid"] == [False] * 4 and c["mask_reason"][2] == "group_dropped"
+    assert b["valid"] == [True, False, True, True] and b["mask_reason"][1].startswith("sq: parse_error:")
+    assert math.isnan(b["sq"][1]) and b["sq"][3] == 0.0 and b["blank"][3] == 1.0  # unfinished think: empty story
+    assert c["valid"] == [False, False, True, False] and c["mask_reason"][2] is None
 
     # The driver's rule: groups with < 2 valid samples are dropped; masked samples get no advantage.
     kept = [out for out in scored if group_is_usable(out["valid"])]
@@ -98,11 +99,14 @@ def test_polaris_reward_actor_end_to_end(rewarder, tmp_path):
                 "tokens_in", "tokens_out", "cost_usd"):
         assert isinstance(m[f"judge/{key}"], float), key
     assert m["judge/http_429"] == 1 and m["judge/retries"] >= 1 + 1 + 4 * 2  # 429, 500, parse retries
-    assert m["judge/masked"] == 5 and m["judge/groups_dropped"] == 1 and m["judge/failures"] == 4
+    assert m["judge/masked"] == 4 and m["judge/failures"] == 4
     assert m["judge/requests"] == len(srv.arrivals) and m["judge/cost_usd"] > 0
     assert 0 < m["judge/latency_p50_s"] <= m["judge/latency_p95_s"]
     assert TEST_KEY not in repr(m) and srv.auth_headers == {f"Bearer {TEST_KEY}"}  # key used, never shown
     assert merge_judge_metrics([m, m])["judge/requests"] == 2 * m["judge/requests"]
+    ch = ray.get(actor.channel_metrics.remote())  # per channel, since the last call
+    assert ch["reward_masked/sq"] == 4 and ch["reward_time/sq_s"] > 0 and ch["reward_time/rep_s"] >= 0
+    assert ray.get(actor.channel_metrics.remote()) == {}
 
     # Checkpoint state: the judge cache round-trips; cached verdicts cost no request.
     path = str(tmp_path / "ckpt" / "judge_cache.json")

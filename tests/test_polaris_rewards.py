@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from rewards.groups import group_is_usable, polaris_group_rewards
 from rewards.polaris import (blank_penalty, duplicate_line_ratio, length_bounds, length_penalty,
                              local_repetition_ratio, polaris_rule_channels, self_repetition, target_word_count)
 from rlsys.config import DataConfig
@@ -80,25 +79,6 @@ def test_rule_channels_read_a_chat_prompt():
             {"role": "user", "content": "A story, approximately 2000 words long."}]
     assert polaris_rule_channels(words(825), chat) == {"rep": 0.0, "len_pen": pytest.approx(0.5), "blank": 0.0}
     assert polaris_rule_channels(words(825), chat, target=1000)["len_pen"] == 0.0  # the row's target wins
-
-
-# ---------------------------------------------------------------- group combiner
-def test_polaris_group_rewards_masks_judge_failures():
-    texts = [words(200), words(300), "<think>only</think>"]
-    verdicts = [{"score": 0.42, "masked": False, "reason": None, "cached": False},
-                {"score": None, "masked": True, "reason": "parse_error:not_json", "cached": False},
-                {"score": 0.0, "masked": False, "reason": "empty_story", "cached": False}]
-    out = polaris_group_rewards(texts, "approximately 300 words long", verdicts,
-                                channels=["sq", "rep", "len_pen", "blank"])
-    assert out["sq"] == [0.42, 0.0, 0.0]
-    assert out["valid"] == [True, False, True] and out["mask_reason"] == [None, "parse_error:not_json", None]
-    assert out["blank"] == [0.0, 0.0, 1.0] and out["len_pen"] == [0.0, 0.0, 0.0]
-    assert list(out) == ["sq", "rep", "len_pen", "blank", "valid", "mask_reason"]
-    rules_only = polaris_group_rewards(texts, "x", None, channels=["rep", "blank"])
-    assert rules_only["valid"] == [True] * 3 and "sq" not in rules_only
-    with pytest.raises(ValueError, match="judge results"):
-        polaris_group_rewards(texts, "x", None, channels=["sq"])
-    assert group_is_usable([True, False, True]) and not group_is_usable([False, True, False])
 
 
 # ---------------------------------------------------------------- reader
@@ -177,3 +157,25 @@ def test_load_for_config_dispatches_on_format(tmp_path):
     assert isinstance(load_for_config(DataConfig(path=str(ep)))[0], TurnExample)
     with pytest.raises(DataError):  # the wrong reader for the rows fails loudly, not as reward 0
         load_for_config(DataConfig(path=str(ep), format="polaris"))
+
+
+def test_one_think_rule_for_every_recipe():
+    """Recipe A's parser, recipe B's penalties and the judge see the same answer (rewards/think.py)."""
+    from rewards.episodebench import parse_response
+    from rewards.judge_rubric import visible_story
+    from rewards.polaris import story_part
+    from rewards.think import answer_text, strip_think
+
+    cases = {
+        "<think>plan</think> The story.": "The story.",
+        "Preamble. <THINK>plan</Think> Then more.": "Preamble.  Then more.",   # case-insensitive; text around kept
+        "<think>a</think> one <think>b</think> two": "one  two",                # between two blocks: kept
+        "reasoning</think> answer": "answer",                                   # template opened the block
+        "<think>never closed": "",
+        'x {"s": "I <think> so"} y': 'x {"s": "I <think> so"} y',              # a tag inside JSON is content
+    }
+    for text, answer in cases.items():
+        assert strip_think(text) == answer, text
+        assert story_part(text) == answer_text(text) and visible_story(text) == answer
+    json_after_preamble = 'I think: ```json\n{"plot_list": [{"narrative": "n"}], "next_episode": "2"}\n```'
+    assert parse_response("<think>x</think>" + json_after_preamble).schema_valid

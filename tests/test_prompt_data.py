@@ -1,14 +1,18 @@
 """The generic `prompt` dataset format and the keyword example's pieces (pure, no Ray)."""
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rewards.functions import add_function_channels, load_reward_function
+from rewards.channels import score_channels
+from rewards.registry import build_channels
+from rlsys.config import load_config
 from rlsys.data.episodebench import DataError
 from rlsys.data.prompts import example_fields, load_prompts
 
@@ -52,12 +56,13 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, fragment):
         load_prompts(_jsonl(tmp_path / "dup.jsonl", [{"uid": 1, "prompt": "a"}, {"uid": 1, "prompt": "b"}]))
 
 
-def test_keyword_example_rewards_get_the_row_columns():
+def test_keyword_example_rewards_get_the_row_columns(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository root
     ex = load_prompts(ROOT / "examples" / "keyword" / "prompts.jsonl")
     assert len(ex) == 16 and {"keyword", "max_words"} <= set(ex[0].extra)
-    fns = {c: load_reward_function(f"{ROOT}/examples/keyword/reward.py:{f}") for c, f in
-           (("keyword", "uses_keyword"), ("brevity", "brevity"))}
+    cfg = load_config(ROOT / "examples" / "keyword" / "config.yaml").reward  # paths relative to the repo root
+    channels = build_channels(cfg, cfg.active_channels(), res=None)
     word = ex[0].extra["keyword"]
     texts = [f"The {word.upper()} glowed.", "Nothing here.", " ".join(["w"] * 60)]
-    out = add_function_channels({}, texts, example_fields(ex[0]), fns)
+    [out] = asyncio.run(score_channels(channels, [{"texts": texts, "example": example_fields(ex[0])}], Counter()))
     assert out["keyword"] == [1.0, 0.0, 0.0] and out["brevity"] == [1.0, 1.0, 0.5] and all(out["valid"])

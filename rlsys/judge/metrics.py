@@ -29,7 +29,6 @@ COUNTERS = (
     "failures",          # masked because the judge could not be made to answer
     "cache_hits",        # samples answered from the cache (incl. duplicates in a batch)
     "empty_stories",     # samples with nothing after </think>, scored 0 without a call
-    "groups_dropped",    # groups left with < 2 scored samples
     "worker_restarts",   # chunks resubmitted because a worker died
     "stale_permits",     # permits handed back unused: they arrived later than margin/2 (raise window_margin_s if frequent)
     "tokens_in",

@@ -5,41 +5,21 @@ in-process ``JudgeClient`` (``backend="local"``) or the autoscaling Ray actor po
 (``backend="ray"``). For every sample it: extracts the judge-visible prompt/story, answers from
 the cache (or from an identical sample earlier in the same batch), sends the rest to the judge
 once, caches successes, and returns ``{score, masked, reason}``. Masked samples carry a reason and
-``score=None`` -- never a substitute value. ``score_groups`` additionally drops (masks) every
-group left with fewer than 2 scored samples, since a group statistic needs two.
+``score=None`` -- never a substitute value. Which groups keep enough scored samples for GRPO is
+decided once, for every channel, by ``rlsys.batching.screen_groups``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any, Literal
 
+from rewards.channels import LoopThread
 from rewards.judge_rubric import POLARIS_RUBRIC, Rubric, judge_visible_prompt, visible_story
 from rlsys.judge.cache import JudgeCache, cache_key
 from rlsys.judge.client import JudgeClient, score_all
 from rlsys.judge.config import JudgeConfig
 from rlsys.judge.limiter import AsyncLimiter, LocalLimiter, limits_for
 from rlsys.judge.metrics import JudgeMetrics
-
-MIN_SCORED_PER_GROUP = 2
-
-
-class _LoopThread:
-    """A private asyncio loop, so sync callers (and callers already inside a loop) can block."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="judge-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
 
 
 class _LocalBackend:
@@ -50,7 +30,7 @@ class _LocalBackend:
     async def score_many(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
         return await score_all(self.client, items)
 
-    def close(self, loop: _LoopThread) -> None:
+    def close(self, loop: LoopThread) -> None:
         loop.run(self.client.aclose())
 
 
@@ -71,7 +51,7 @@ class JudgeScorer:
             self._backend: Any = JudgeActorPool(cfg, rubric, self.metrics, namespace)
         else:
             self._backend = _LocalBackend(cfg, rubric, self.metrics, limiter)
-        self._loop = _LoopThread()  # after the backend: a failed start-up leaves no thread behind
+        self._loop = LoopThread("judge-loop")  # after the backend: a failed start-up leaves no thread behind
 
     # ------------------------------------------------------------------ public API
 
@@ -80,21 +60,6 @@ class JudgeScorer:
         results = self._score_flat(items)
         self._count(results)
         return results
-
-    def score_groups(self, groups: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
-        """Score GRPO groups; groups with < 2 scored samples are masked whole and counted."""
-        flat = self._score_flat([item for g in groups for item in g])
-        out, pos = [], 0
-        for g in groups:
-            res = flat[pos:pos + len(g)]
-            pos += len(g)
-            if sum(not r["masked"] for r in res) < MIN_SCORED_PER_GROUP:
-                self.metrics.inc("groups_dropped")
-                res = [r if r["masked"] else {**r, "score": None, "masked": True, "reason": "group_dropped"}
-                       for r in res]
-            out.append(res)
-        self._count([r for g in out for r in g])
-        return out
 
     def metrics_summary(self) -> dict[str, float]:
         s = self.metrics.summary()

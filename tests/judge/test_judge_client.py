@@ -129,24 +129,19 @@ def test_cache_dedupe_and_reload(judge_server, tmp_path):
     assert len(srv.arrivals) == 5
 
 
-def test_groups_with_fewer_than_two_scored_are_dropped(judge_server):
+def test_items_masked_or_scored_and_empty_stories_by_rule(judge_server):
+    """No group rule here (rlsys.batching.screen_groups is the one): each item stands alone."""
     srv = judge_server()
     bad = "[[FAULTS:badscore,badscore,badscore]]"
-    groups = [
-        [story(1), story(2, bad), story(3, bad)],  # 1 scored -> dropped
-        [story(4), story(5), story(6, bad)],       # 2 scored -> kept
-        [story(7), {"prompt": "p", "story": "<think>only thinking"}],  # empty story scores 0 by rule
-    ]
+    items = [story(1), story(2, bad), story(3), {"prompt": "p", "story": "<think>only thinking"}]
     with JudgeScorer(fast_config(srv.base_url)) as scorer:
-        res = scorer.score_groups(groups)
+        res = scorer.score_items(items)
         summary = scorer.metrics_summary()
-    assert [len(g) for g in res] == [3, 3, 2]
-    assert all(r["masked"] and r["score"] is None for r in res[0])
-    assert res[0][0]["reason"] == "group_dropped" and res[0][1]["reason"].startswith("parse_error")
-    assert [r["masked"] for r in res[1]] == [False, False, True]
-    assert res[2][1] == {"score": 0.0, "masked": False, "reason": "empty_story", "cached": False}
-    assert summary["groups_dropped"] == 1 and summary["masked"] == 4 and summary["scored"] == 4
-    assert summary["empty_stories"] == 1
+    assert [r["masked"] for r in res] == [False, True, False, False]
+    assert res[1]["score"] is None and res[1]["reason"].startswith("parse_error")
+    assert res[3] == {"score": 0.0, "masked": False, "reason": "empty_story", "cached": False}
+    assert summary["masked"] == 1 and summary["scored"] == 3 and summary["empty_stories"] == 1
+    assert "groups_dropped" not in summary
 
 
 def test_stale_permit_is_handed_back_unsent(judge_server):
