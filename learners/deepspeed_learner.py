@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import time
+from collections import Counter
 from typing import Any
 
 import deepspeed
@@ -24,11 +25,17 @@ from learners.engine_setup import LogprobModule, ds_config, load_hf, load_refere
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
 from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params
-from rlsys.algorithms import POLICY_LOSSES
+from learners.lora import adapter_parameters, attach_lora, merged_values, weight_sources
+from rlsys.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
 from rlsys.config import AlgorithmConfig, LearnerConfig
 from rlsys.weight_sync import TensorMeta, WeightTransport, make_transport
 
 log = logging.getLogger(__name__)
+
+
+def _sequence_logprobs(logprobs: torch.Tensor, m: MicroBatch) -> torch.Tensor:
+    """[b] summed log-probs of each row's response tokens (a preference loss's unit)."""
+    return (logprobs * m.loss_mask.to(logprobs.device, logprobs.dtype)).sum(-1)
 
 
 class DeepSpeedLearner:
@@ -52,21 +59,31 @@ class DeepSpeedLearner:
         self.zero3 = learner_cfg.zero_stage == 3
 
         model = load_hf(model_dir, self.dtype, learner_cfg, train=True)
+        # With LoRA the PeftModel is kept for its adapter switch and its save; the engine wraps
+        # the HF model itself (now holding the adapter layers), like without.
+        self.peft = attach_lora(model, learner_cfg.lora) if learner_cfg.lora.enabled else None
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pad = model.config.pad_token_id
         self.pad_id = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
         self.temperature = float(temperature)
         policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature)
-        optim = torch.optim.AdamW(policy.parameters(), lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
                                                config=ds_config(learner_cfg, self.dtype, train=True))
         self.device = self.engine.device
         self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
-        self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device,
-                                  self.temperature) if algo_cfg.kl_coef > 0 else None
+        # The reference policy: for a KL penalty or a preference loss. With LoRA it is the base
+        # (adapter off), so no second copy is loaded.
+        needs_ref = algo_cfg.kl_coef > 0 or algo_cfg.is_preference
+        self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device, self.temperature) \
+            if needs_ref and self.peft is None else None
         self.init_timings["reference"] = time.perf_counter() - t0 - sum(self.init_timings.values())
-        self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
+        if algo_cfg.is_preference:
+            self.loss_fn = PREFERENCE_LOSSES[algo_cfg.loss]
+        else:
+            self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
         self.transport: WeightTransport | None = None
         self.init_seconds = time.perf_counter() - t0
         log.info("rank %d: learner ready in %.1fs (ZeRO-%d, %s): %s", rank, self.init_seconds,
@@ -95,6 +112,13 @@ class DeepSpeedLearner:
         dist.all_reduce(totals)
         return mbs, chunks.tolist(), float(totals[0]), float(totals[1])
 
+    def _reference_logprobs(self, m: MicroBatch, num_chunks: int) -> torch.Tensor:
+        """Log-probs under the reference policy: the frozen copy, or the base with the adapter off."""
+        if self.peft is None:
+            return self._forward(self.ref, m, num_chunks)[0]
+        with self.peft.disable_adapter():
+            return self._forward(self.engine, m, num_chunks)[0]
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One rollout batch's update on this rank's share; every rank calls it together.
 
@@ -111,6 +135,8 @@ class DeepSpeedLearner:
         sequence-mean) however it is split over ranks and micro-batches (learners.microbatches).
         Returns metrics reduced over ranks, identical on every rank.
         """
+        if self.ac.is_preference:
+            return self._preference_step(batch)
         t0 = time.perf_counter()
         parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
         n_parts = torch.tensor([len(parts)], dtype=torch.int64)
@@ -147,8 +173,8 @@ class DeepSpeedLearner:
                         old[j].append(lp)
                         stats.add_old_pass(m, lp.cpu(), ent.cpu())
                 stats.mark("time/learner_old_logprobs")
-            if self.ref is not None:
-                ref = [[self._forward(self.ref, m, k)[0] for m, k in zip(mbs, chunks)] for mbs, chunks, _ in plans]
+            if self.ac.kl_coef > 0:
+                ref = [[self._reference_logprobs(m, k) for m, k in zip(mbs, chunks)] for mbs, chunks, _ in plans]
                 stats.mark("time/learner_ref_logprobs")
 
         self.engine.train()
@@ -164,7 +190,7 @@ class DeepSpeedLearner:
                         stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
                     loss, met = self.loss_fn(
                         lp, old[j][i], m.advantages.to(self.device), m.loss_mask.to(self.device),
-                        ref[j][i] if self.ref is not None else None, clip_low=self.ac.clip_low,
+                        ref[j][i] if self.ac.kl_coef > 0 else None, clip_low=self.ac.clip_low,
                         clip_high=self.ac.clip_high, kl_coef=self.ac.kl_coef, kl_estimator=self.ac.kl_estimator,
                         loss_agg=self.ac.loss_agg, denominator=denominator)
                     self.engine.backward(loss * scale, scale_wrt_gas=False)
@@ -174,16 +200,79 @@ class DeepSpeedLearner:
         stats.mark("time/learner_update")
         return stats.reduce(g_tokens, g_seqs, n_micro, time.perf_counter() - t0)
 
+    def _preference_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """A preference update (`algorithm.loss: dpo`): each mini-batch lists pairs as
+        consecutive rows (chosen, rejected); the loss of a pair compares the policy's summed
+        response log-probs with the reference's. Mini-batches and epochs as in `train_step`."""
+        t0 = time.perf_counter()
+        parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
+        n_parts = torch.tensor([len(parts)], dtype=torch.int64)
+        dist.all_reduce(n_parts, op=dist.ReduceOp.MAX)
+        if int(n_parts) != len(parts):
+            raise ValueError(f"rank {self.rank} got {len(parts)} mini-batches, another rank {int(n_parts)}")
+        size = 2 * max(1, self.lc.micro_batch_size // 2)  # whole pairs in every micro-batch
+        plans = []
+        for part in parts:
+            if len(part["input_ids"]) % 2:
+                raise ValueError(f"rank {self.rank}: a preference batch needs (chosen, rejected) rows in pairs")
+            mbs, chunks, _, _ = self._agree(build_micro_batches(part, size, self.pad_id, keep_order=True))
+            pairs = torch.tensor([len(part["input_ids"]) // 2], dtype=torch.float64)
+            dist.all_reduce(pairs)
+            plans.append((mbs, chunks, float(pairs)))
+        with torch.no_grad():  # the reference is fixed: once, before any update
+            self.engine.eval()
+            ref = [[_sequence_logprobs(self._reference_logprobs(m, k), m) for m, k in zip(mbs, chunks)]
+                   for mbs, chunks, _ in plans]
+        pc, sums, steps, norm = self.ac.preference, Counter(), 0, 0.0
+        self.engine.train()
+        scale = backward_scale(self.world_size)
+        for _ in range(self.ac.ppo_epochs):
+            for j, (mbs, chunks, n_pairs) in enumerate(plans):
+                if n_pairs == 0:  # no pair anywhere (same on every rank): no step
+                    continue
+                for i, (m, k) in enumerate(zip(mbs, chunks)):
+                    seq = _sequence_logprobs(self._forward(self.engine, m, k)[0], m)
+                    if m.n_real == 0:  # a filler micro-batch: joins the collectives, adds nothing
+                        loss, met = seq.sum() * 0.0, {}
+                    else:
+                        r = ref[j][i].to(seq.device)
+                        loss, met = self.loss_fn(seq[0::2], seq[1::2], r[0::2], r[1::2], beta=pc.beta,
+                                                 label_smoothing=pc.label_smoothing, denominator=n_pairs)
+                    self.engine.backward(loss * scale, scale_wrt_gas=False)
+                    sums.update(met)
+                self.engine.step()
+                steps += 1
+                g = self.engine.get_global_grad_norm()
+                norm += float(g) if g is not None else float("nan")
+        keys = ("loss_sum", "pairs", "accuracy_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
+        total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(total)
+        t = dict(zip(keys, total.tolist()))
+        n = max(t["pairs"], 1.0)
+        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # identical metrics on every rank
+        return {"loss/total": t["loss_sum"] / n, "dpo/accuracy": t["accuracy_sum"] / n,
+                "dpo/margin": t["margin_sum"] / n, "dpo/reward_chosen": t["chosen_reward_sum"] / n,
+                "dpo/reward_rejected": t["rejected_reward_sum"] / n, "learner/optimizer_steps": float(steps),
+                "learner/pairs": sum(p for *_, p in plans), "policy/grad_norm": norm / max(steps, 1),
+                "time/learner_step": float(seconds)}
+
     # ------------------------------------------------------------------ weights out
 
-    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+    def _sources(self, remove_duplicate: bool = True) -> list:
         # named_parameters() drops duplicates: with tied embeddings only
         # model.embed_tokens.weight appears, which is what vLLM loads (it skips lm_head.*).
-        return list(self.hf_model.named_parameters())
+        # With LoRA an adapted weight is served merged (learners.lora).
+        return weight_sources(self.hf_model, remove_duplicate)
+
+    def _served_values(self, sources: list):
+        """Each source's full (merged) tensor on rank 0, None elsewhere; drive to the end on every rank."""
+        return merged_values(sources, iter_full_params([p for _, ps, _ in sources for p in ps],
+                                                       rank=self.rank, zero3=self.zero3))
 
     def weight_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(HF name, full shape, dtype) of every parameter, in the order broadcast_weights sends."""
-        return [(n, full_shape(p), dtype_name(p)) for n, p in self._named_params()]
+        return [(n, full_shape(ps[0]), dtype_name(ps[0])) for n, ps, _ in self._sources()]
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-broadcast group as its rank 0 (blocks until every receiver has
@@ -197,9 +286,9 @@ class DeepSpeedLearner:
     def broadcast_weights(self) -> dict[str, float]:
         """All ranks: gather bucket by bucket; rank 0 streams the full tensors to the receivers."""
         t0 = time.perf_counter()
-        named = self._named_params()
-        metas = [TensorMeta(n, full_shape(p), dtype_name(p)) for n, p in named]
-        tensors = iter_full_params([p for _, p in named], rank=self.rank, zero3=self.zero3)
+        sources = self._sources()
+        metas = [TensorMeta(n, full_shape(ps[0]), dtype_name(ps[0])) for n, ps, _ in sources]
+        tensors = self._served_values(sources)
         try:
             if self.rank == 0 and self.transport is not None:
                 self.transport.send(metas, tensors)
@@ -208,34 +297,44 @@ class DeepSpeedLearner:
                 pass
         if self.rank == 0 and self.transport is None:
             raise RuntimeError("broadcast_weights before init_weight_sync")
-        nbytes = sum(full_numel(p) * p.element_size() for _, p in named)
+        nbytes = sum(full_numel(ps[0]) * ps[0].element_size() for _, ps, _ in sources)
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes), "tensors": float(len(metas))}
 
     def gathered_digest(self, names: list[str] | None = None) -> dict[str, list[float]]:
         """All ranks call; rank 0 returns {name: [sum_f64, v[0], v[numel//2], v[-1]]} of the full
-        parameters (values in the parameter's dtype, as float64); other ranks return {}.
-        `names` may include aliases such as a tied lm_head.weight."""
-        every = dict(self.hf_model.named_parameters(remove_duplicate=False))
-        names = [n for n, _ in self._named_params()] if names is None else list(names)
+        served parameters (merged with LoRA; values in the parameter's dtype, as float64); other
+        ranks return {}. `names` may include aliases such as a tied lm_head.weight."""
+        every = {n: (ps, c) for n, ps, c in self._sources(remove_duplicate=False)}
+        names = [n for n, _, _ in self._sources()] if names is None else list(names)
         unknown = [n for n in names if n not in every]
         if unknown:
             raise KeyError(f"unknown parameter names: {unknown[:5]}")
-        # Gather each distinct parameter once (a tied alias would otherwise be gathered twice).
-        unique = list({id(every[n]): every[n] for n in names}.values())
-        values = iter_full_params(unique, rank=self.rank, zero3=self.zero3)
-        by_id = {id(p): digest(t) for p, t in zip(unique, values) if t is not None}
-        return {n: by_id[id(every[n])] for n in names} if self.rank == 0 else {}
+        # Gather each distinct source once (a tied alias would otherwise be gathered twice).
+        unique = {id(every[n][0][0]): (n, *every[n]) for n in names}
+        values = self._served_values(list(unique.values()))
+        by_id = {key: digest(t) for key, t in zip(unique, values) if t is not None}
+        return {n: by_id[id(every[n][0][0])] for n in names} if self.rank == 0 else {}
 
     def save_hf(self, path: str) -> str:
-        """All ranks call; rank 0 writes a Hugging Face directory (safetensors, config, tokenizer)."""
-        if self.zero3:
-            # DeepSpeed's consolidation: gathers one module at a time onto rank 0's CPU.
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+        """All ranks call; rank 0 writes a Hugging Face directory (safetensors, config, tokenizer).
+        With LoRA: the merged model, plus the adapter alone under `path/adapter` (peft format)."""
+        adapter = None
+        if self.peft is not None:
+            sources = self._sources()
+            state = dict(zip([n for n, _, _ in sources], self._served_values(sources)))
+            named = adapter_parameters(self.peft)
+            adapter = dict(zip([n for n, _ in named], iter_full_params([p for _, p in named], rank=self.rank,
+                                                                      zero3=self.zero3)))
         else:
-            state = self.engine.module.state_dict() if self.rank == 0 else None
+            # ZeRO-3: DeepSpeed's consolidation gathers one module at a time onto rank 0's CPU
+            # (None elsewhere). Either way LogprobModule's "model." prefix is dropped.
+            full = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else \
+                (self.engine.module.state_dict() if self.rank == 0 else None)
+            state = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
         if self.rank == 0:
-            state = {k.removeprefix("model."): v for k, v in state.items()}  # drop LogprobModule's prefix
-            checkpoint_io.write_hf_dir(self.hf_model, state, self.model_dir, path)
+            extra = None if adapter is None else \
+                (lambda tmp: self.peft.save_pretrained(str(tmp / "adapter"), state_dict=adapter))
+            checkpoint_io.write_hf_dir(self.hf_model, state, self.model_dir, path, extra=extra)
         dist.barrier()
         return path
 

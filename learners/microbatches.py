@@ -68,9 +68,11 @@ def filler_micro_batch(pad_id: int) -> MicroBatch:
     return MicroBatch(ids, torch.ones_like(ids), zeros, zeros.bool(), torch.zeros(1), None, None, 0)
 
 
-def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
+def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: int,
+                        keep_order: bool = False) -> list[MicroBatch]:
     """Validate one rank's batch and pad it into micro-batches of at most `micro_batch_size`
-    sequences, longest first (similar lengths together waste less padding)."""
+    sequences, longest first (similar lengths together waste less padding), or in the given
+    order with `keep_order` (preference pairs: chosen, rejected, chosen, ...)."""
     ids: list[list[int]] = batch["input_ids"]
     plens: list[int] = batch["prompt_lens"]
     advs: list[float] = batch["advantages"]
@@ -82,7 +84,7 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
     for i, (seq, p) in enumerate(zip(ids, plens)):
         if not 1 <= p < len(seq):
             raise ValueError(f"sequence {i}: prompt_len {p} must be >= 1 and below its length {len(seq)}")
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    order = list(range(len(ids))) if keep_order else sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = []
     for start in range(0, len(order), micro_batch_size):
         rows = order[start:start + micro_batch_size]

@@ -9,6 +9,8 @@ Recipe A (EpisodeBench): ``fmt``, ``acc`` (needs the row's ``reference_next_epis
 ``div`` (per group: DPP diversity of the group's embeddings).
 Recipe B (POLARIS): ``sq`` (LLM judge, needs ``messages``), ``rep``, ``len_pen`` (target from
 ``target_word_count`` or the prompt's "N words long"), ``blank``.
+Recipe C (QwenStoryteller2, text-only): ``st_struct``, ``st_reid`` (needs ``synthetic``),
+``st_ground`` (rewards/storyteller.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from rewards.diversity import Encoder, dpp_diversity
 from rewards.episodebench import ParsedResponse, accuracy_reward, format_reward, length_reward, parse_response
 from rewards.judge_rubric import prompt_text
 from rewards.polaris import blank_penalty, length_penalty, self_repetition, target_word_count
+from rewards.storyteller import st_ground, st_reid, st_struct
 
 
 class Resources(Protocol):
@@ -160,6 +163,24 @@ def _sq(opts: Any, res: Resources) -> Channel:
     return Channel("sq", functools.partial(judge_story_quality, judge=judge), per="batch", timeout_s=None,
                    concurrency=1)
 
+
+
+# ---------------------------------------------------------------- recipe C (QwenStoryteller2, text-only)
+
+@_register("st_struct", "sample", "1 when the <think> tables and grounding tags parse (gates st_reid, st_ground)")
+def _st_struct(opts: Any, res: Resources) -> Channel:
+    return Channel("st_struct", st_struct, timeout_s=None, inline=True)
+
+
+@_register("st_reid", "sample", "cross-frame entity links: +share on real sequences, -share on synthetic ones",
+           requires=("synthetic",))
+def _st_reid(opts: Any, res: Resources) -> Channel:
+    return Channel("st_reid", st_reid, timeout_s=None, inline=True)
+
+
+@_register("st_ground", "sample", "share of pronouns and names grounded in <gdo> tags")
+def _st_ground(opts: Any, res: Resources) -> Channel:
+    return Channel("st_ground", st_ground, timeout_s=None, inline=True)
 
 
 # ---------------------------------------------------------------- the user's functions

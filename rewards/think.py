@@ -52,3 +52,33 @@ def answer_text(text: object) -> str:
 def strip_think(text: object) -> str:
     """The answer part of `text`, stripped."""
     return answer_text(text).strip()
+
+
+def think_text(text: object) -> str:
+    """The reasoning of `text` that ended, under the same rule as ``answer_text``: the content
+    of its closed ``<think>…</think>`` blocks, in order, tags dropped. A ``</think>`` with no
+    opening tag closes a block the chat template opened, so everything before it (answer text
+    so far included) is reasoning. A block never closed is truncated reasoning: not included.
+    "" when there is none, and for non-str input."""
+    if not isinstance(text, str):
+        return ""
+    finder = OutsideFinder(text)
+    pieces: list[tuple[bool, str]] = []  # (is reasoning, text) in order, tags dropped
+    orphan_cut = 0  # pieces before this index are reasoning whatever their kind (last orphan close)
+    pos = 0
+    while True:
+        tag = finder.find(THINK_TAG, pos)
+        if tag is None:
+            break
+        if tag.group(1):  # an orphan </think>: everything before it is reasoning
+            pieces.append((True, text[pos:tag.start()]))
+            orphan_cut, pos = len(pieces), tag.end()
+            continue
+        close = _THINK_CLOSE.search(text, tag.end())
+        if close is None:  # never closed: truncated reasoning, not part of the result
+            break
+        pieces.append((False, text[pos:tag.start()]))
+        pieces.append((True, text[tag.end():close.start()]))
+        pos = close.end()
+    # One pass at the end (not a copy per orphan tag): linear even for "</think>" * 10**5.
+    return "".join(piece for i, (thought, piece) in enumerate(pieces) if thought or i < orphan_cut)

@@ -178,3 +178,54 @@ def split_for_ranks(samples: list[dict], world_size: int) -> list[dict]:
             "global_sequences": len(samples),
         })
     return batches
+
+
+def build_pairs(groups: list[list[dict]], weights: dict[str, float], min_margin: float = 0.0
+                ) -> tuple[list[tuple[dict, dict]], Counter]:
+    """Preference pairs for DPO: per group, its best against its worst valid sample by weighted
+    reward (sum of weight * raw channel value; first sample wins a tie for either end). A group
+    whose two ends differ by `min_margin` or less makes no pair (counted: tied_groups); each
+    sample gets `reward` (the weighted sum), and the pair's two samples `pair` and `chosen`."""
+    channels = active_channels(weights)
+    pairs: list[tuple[dict, dict]] = []
+    counts: Counter = Counter()
+    for g in groups:
+        valid = [s for s in g if s.get("valid", True)]
+        for s in g:
+            s["reward"] = sum(weights[c] * s[f"reward_{c}"] for c in channels) if s.get("valid", True) \
+                else float("nan")
+        if not group_is_usable([True] * len(valid)):
+            counts["dropped_groups"] += 1
+            continue
+        best = max(valid, key=lambda s: s["reward"])
+        worst = min(valid, key=lambda s: s["reward"])
+        if not best["reward"] - worst["reward"] > min_margin:
+            counts["tied_groups"] += 1
+            continue
+        best.update(pair=len(pairs), chosen=True)
+        worst.update(pair=len(pairs), chosen=False)
+        pairs.append((best, worst))
+    return pairs, counts
+
+
+def split_pairs_for_ranks(pairs: list[tuple[dict, dict]], world_size: int) -> list[dict]:
+    """Learner batches of pairs, one per rank: whole pairs, balanced by token count like
+    `split_for_ranks`; each batch lists chosen then rejected for every pair (the learner keeps
+    that order) and carries the global pair count the loss divides by."""
+    def tokens(p: tuple[dict, dict]) -> int:
+        return sum(len(s["prompt_token_ids"]) + len(s["token_ids"]) for s in p)
+
+    buckets: list[list[tuple[dict, dict]]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for p in sorted(pairs, key=lambda p: -tokens(p)):
+        fewest = min(len(b) for b in buckets)
+        r = min((r for r in range(world_size) if len(buckets[r]) == fewest), key=lambda r: load[r])
+        buckets[r].append(p)
+        load[r] += tokens(p)
+    out = []
+    for b in buckets:
+        rows = [s for p in b for s in p]
+        out.append({"input_ids": [s["prompt_token_ids"] + s["token_ids"] for s in rows],
+                    "prompt_lens": [len(s["prompt_token_ids"]) for s in rows],
+                    "advantages": [0.0] * len(rows), "global_pairs": len(pairs)})
+    return out

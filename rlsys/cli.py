@@ -16,6 +16,8 @@ USAGE = """rlsys <command> ...
                                                 from a checkpoint (train.save_every)
   data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data (recipe A)
   data synth-polaris --out DIR [--n N] [--seed S] synthetic prompt/story data (recipe B)
+  data synth-storyteller --out DIR [--n N] [--seed S]
+                                                synthetic real/shuffled frame sequences (recipe C)
   judge score <judge.yaml> --input F --output F score stories with an LLM judge
   config-help                                   every config key with its docstring
   channels                                      the built-in reward channels (reward.weights names)"""
@@ -38,7 +40,7 @@ def _channels() -> int:
 
     for b in BUILTIN_CHANNELS.values():
         needs = f"  [data: {', '.join(b.requires)}]" if b.requires else ""
-        print(f"  {b.name:<8} per {b.per:<6} {b.doc}{needs}")
+        print(f"  {b.name:<9} per {b.per:<6} {b.doc}{needs}")
     print("Your own: reward.functions (see README, 'Your own task').")
     return 0
 
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         from rlsys.data.polaris import polaris_synth_main
         return polaris_synth_main(rest[1:]) or 0
+    if cmd == "data" and rest[:1] == ["synth-storyteller"]:
+        _setup_logging()
+        from rlsys.data.storyteller import storyteller_synth_main
+        return storyteller_synth_main(rest[1:]) or 0
     if cmd == "judge":
         _setup_logging()
         from rlsys.judge.cli import main as judge_main

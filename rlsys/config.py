@@ -47,8 +47,9 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     path: str
     """Training data: a `.parquet` or `.jsonl` file in the `format` below (see `rlsys data synth`)."""
-    format: Literal["episodebench", "polaris", "prompt"] = "episodebench"
-    """Row schema of `path`: EpisodeBench turn rows, POLARIS prompt/story rows (recipe B), or
+    format: Literal["episodebench", "polaris", "storyteller", "prompt"] = "episodebench"
+    """Row schema of `path`: EpisodeBench turn rows, POLARIS prompt/story rows (recipe B),
+    storyteller frame sequences, real or synthetic (recipe C, `rlsys data synth-storyteller`), or
     `prompt`: your own rows with a `prompt` column (string or chat list); every other column is
     passed to the reward functions as a keyword argument (see rlsys/data/prompts.py)."""
     split: str | None = None
@@ -248,11 +249,23 @@ class ReferenceInjectionConfig(Strict):
     """Steps over which the weight rises linearly from 0 (recipe B: 15); 0 = full weight at once."""
 
 
+class PreferenceConfig(Strict):
+    beta: float = Field(default=0.1, gt=0.0)
+    """DPO temperature beta (recipe C: 0.1)."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """Conservative DPO: the share of pairs assumed mislabelled (0 = plain DPO)."""
+    min_margin: float = Field(default=0.0, ge=0.0)
+    """A group makes a pair (its best vs its worst valid sample by weighted reward) only when
+    the two rewards differ by more than this; ties make none (counted: pairs/tied_groups)."""
+
+
 class AlgorithmConfig(Strict):
     advantage: str = "grpo"
     """Advantage estimator, by name in rlsys.algorithms.ADVANTAGE_ESTIMATORS."""
     loss: str = "grpo_clip"
-    """Policy loss, by name in rlsys.algorithms.POLICY_LOSSES."""
+    """Policy loss, by name in rlsys.algorithms.POLICY_LOSSES (GRPO), or a preference loss in
+    PREFERENCE_LOSSES (`dpo`: each step pairs every group's best and worst sample and trains on
+    the pairs; `advantage` and the clip settings are then unused)."""
     clip_low: float = Field(default=0.2, ge=0.0, lt=1.0)
     """PPO ratio clip below 1: ratio >= 1 - clip_low."""
     clip_high: float = Field(default=0.28, ge=0.0)
@@ -277,15 +290,41 @@ class AlgorithmConfig(Strict):
     """Zero-variance group filter (DAPO's dynamic sampling); off by default."""
     reference_injection: ReferenceInjectionConfig = ReferenceInjectionConfig()
     """Human reference injection (POLARIS-9B's HRI); off by default."""
+    preference: PreferenceConfig = PreferenceConfig()
+    """Pairs and loss settings of a preference loss (`loss: dpo`)."""
+
+    @property
+    def is_preference(self) -> bool:
+        """Whether `loss` names a preference loss (DPO), trained on pairs, not on advantages."""
+        from rlsys.algorithms import PREFERENCE_LOSSES
+        return self.loss in PREFERENCE_LOSSES
 
     @model_validator(mode="after")
     def _registered(self) -> "AlgorithmConfig":
-        from rlsys.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        from rlsys.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage {self.advantage!r} is not registered; known: {sorted(ADVANTAGE_ESTIMATORS)}")
-        if self.loss not in POLICY_LOSSES:
-            raise ValueError(f"loss {self.loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")
+        if self.loss not in POLICY_LOSSES and self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not registered; known: {sorted(POLICY_LOSSES)} "
+                             f"(policy), {sorted(PREFERENCE_LOSSES)} (preference)")
+        if self.is_preference and self.reference_injection.enabled:
+            raise ValueError("reference_injection is a GRPO feature; turn it off for a preference loss")
         return self
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    """Train a LoRA adapter (peft) instead of every weight. The frozen base then serves as the
+    reference policy (adapter switched off: no second model is loaded); engines receive the
+    merged weights; checkpoints hold the adapter and a merged HF model."""
+    rank: int = Field(default=16, ge=1)
+    """Adapter rank r (recipe C: 2048 on a 7B model)."""
+    alpha: float = Field(default=32.0, gt=0.0)
+    """Adapter scale numerator: the update is (alpha / r) * B @ A (recipe C: 4096)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Names of the Linear modules that get an adapter (Llama/Qwen naming)."""
 
 
 class LearnerConfig(Strict):
@@ -310,6 +349,8 @@ class LearnerConfig(Strict):
     """Logical Ray CPUs each learner rank reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)
     """GPUs each learner rank reserves (1 on GPU clusters)."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapter instead of full fine-tuning (recipe C); off by default."""
 
 
 class ClusterConfig(Strict):

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray.exceptions import RayActorError
 
-from rlsys.batching import split_for_ranks, split_mini_batches
+from rlsys.batching import split_for_ranks, split_mini_batches, split_pairs_for_ranks
 from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, check_local_head_fits, free_port,
                            get_with_deadline, wait_for_placement)
 from rlsys.cluster_files import actor_demands
@@ -82,7 +82,7 @@ class GRPORun:
         return [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.learner_pg, placement_group_bundle_index=r)).remote(
                     r, lc.num_ranks, host, port, model_dir, lc, self.cfg.algorithm, self.cfg.seed,
-                    dtype=self.cfg.model.dtype, temperature=self.cfg.rollout.temperature)
+                    dtype=self.cfg.model.dtype, temperature=self.learner_temperature())
                 for r in range(lc.num_ranks)]
 
     def _start_rollouts(self, model_dir: str) -> list:
@@ -110,6 +110,11 @@ class GRPORun:
         cls = ray.remote(num_cpus=rw.num_cpus, runtime_env={"env_vars": actor_env()})(RewardWorker)
         self._new_rewarder = lambda i: cls.remote(rw, judge_cfg)
         return [self._new_rewarder(i) for i in range(rw.num_actors)]
+
+    def learner_temperature(self) -> float:
+        """GRPO takes every log-prob under the sampler's temperature (the ratio is between the
+        distributions samples come from); a preference loss compares the policy itself (T = 1)."""
+        return 1.0 if self.cfg.algorithm.is_preference else self.cfg.rollout.temperature
 
     def _rank0_address(self) -> tuple[str, int]:
         return self._get(_rendezvous.options(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -243,6 +248,19 @@ class GRPORun:
         rng = random.Random(self.cfg.seed * 1_000_003 + self.version)
         parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, rng)
         per_part = [split_for_ranks(p, len(self.learners)) for p in parts]
+        batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
+        metrics = self._get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)], "learner update")[0]
+        return {**metrics, "time/train": time.perf_counter() - t0}
+
+    def train_pairs(self, pairs: list[tuple[dict, dict]]) -> dict[str, float]:
+        """One preference update on the step's (chosen, rejected) pairs: `algorithm.mini_batches`
+        optimizer steps over the pairs (order seeded like `train`), whole pairs per rank."""
+        t0 = time.perf_counter()
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.version)
+        order = list(pairs)
+        rng.shuffle(order)
+        n = max(1, min(self.cfg.algorithm.mini_batches, len(order)))
+        per_part = [split_pairs_for_ranks(order[i::n], len(self.learners)) for i in range(n)]
         batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
         metrics = self._get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)], "learner update")[0]
         return {**metrics, "time/train": time.perf_counter() - t0}

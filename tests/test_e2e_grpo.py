@@ -62,7 +62,7 @@ def test_two_steps_sync_and_checkpoint(grpo_run):
 
     from rlsys.data.episodebench import load_examples
     from rlsys.data.stream import PromptStream
-    from rlsys.train import grpo_step
+    from rlsys.steps import grpo_step
 
     cfg, run, root = grpo_run
     channels = cfg.reward.active_channels()

@@ -61,7 +61,7 @@ def test_reference_story_joins_each_group_teacher_forced(setup):
     from rlsys.data.loading import load_for_run
     from rlsys.data.stream import PromptStream
     from rlsys.driver import GRPORun
-    from rlsys.train import grpo_step
+    from rlsys.steps import grpo_step
 
     root, model_dir, data, judge_yaml, srv = setup
     cfg = load_config(base={

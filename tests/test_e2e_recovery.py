@@ -52,7 +52,7 @@ def _pid(actor) -> int:
 
 def _step_with_kill(cfg, r, stream, victim, delay):
     """grpo_step in a thread; SIGKILL `victim`'s process `delay` s in. Returns (asked, samples, metrics)."""
-    from rlsys.train import grpo_step
+    from rlsys.steps import grpo_step
 
     pid = _pid(victim)
     state = dict(stream.state())
@@ -81,7 +81,7 @@ def test_killed_engine_and_reward_actor_are_replaced(run):
 
     from rlsys.data.loading import load_for_config
     from rlsys.data.stream import PromptStream
-    from rlsys.train import grpo_step
+    from rlsys.steps import grpo_step
 
     cfg, r = run
     stream = PromptStream(load_for_config(cfg.data), shuffle=True, seed=cfg.seed)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 import threading
 
 import pytest
@@ -17,7 +15,6 @@ from learners.microbatches import backward_scale, build_micro_batches, filler_mi
 from rlsys.algorithms import POLICY_LOSSES
 from rlsys.models import build_tiny_model
 
-CACHE = os.path.expanduser("~/.cache/rlsys")
 
 
 @pytest.fixture(scope="module")
@@ -231,43 +228,12 @@ def e2e_model_dir(tmp_path_factory) -> str:
 def ranks(e2e_model_dir):
     """A private local Ray with two DeepSpeedLearner actors (ZeRO-3, gloo) and a weight-sync
     receiver in this process (its transport in the returned dict)."""
-    import ray
+    from learner_ranks import learner_ranks
 
-    from learners.deepspeed_learner import DeepSpeedLearner
-    from rlsys.cluster import free_port
     from rlsys.config import AlgorithmConfig, LearnerConfig
-    from rlsys.weight_sync import make_transport
 
-    temp = tempfile.mkdtemp(prefix="rlsys-lt-", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.path.join(CACHE, "torch_extensions")}
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, runtime_env={"env_vars": env},
-             log_to_driver=False)
-    learners, receiver = [], {}
-    try:
-        cls = ray.remote(num_cpus=1)(DeepSpeedLearner)
-        port, sync_port = free_port(), free_port()
-        lc, ac = LearnerConfig(**E2E_LC), AlgorithmConfig(kl_coef=KL, ppo_epochs=1)
-        learners = [cls.remote(r, 2, "127.0.0.1", port, e2e_model_dir, lc, ac, 0) for r in range(2)]
-        # Weight-sync group: the learners' rank 0 + one receiver here, joining concurrently.
-        th = threading.Thread(target=lambda: receiver.update(
-            transport=make_transport("127.0.0.1", sync_port, 1, 2, "gloo", "cpu")))
-        th.start()
-        ray.get([lr.init_weight_sync.remote("127.0.0.1", sync_port, 2, "gloo") for lr in learners])
-        th.join(60)
-        yield {"learners": learners, **receiver}
-    finally:
-        # shutdown is local to each rank, so one rank at a time is fine.
-        for lr in learners:
-            try:
-                ray.get(lr.shutdown.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(lr)
-        if "transport" in receiver:
-            receiver["transport"].close()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    with learner_ranks(e2e_model_dir, LearnerConfig(**E2E_LC), AlgorithmConfig(kl_coef=KL, ppo_epochs=1)) as r:
+        yield r
 
 
 def _all(learners, method: str, *args):

@@ -198,7 +198,7 @@ def _cfg(**filter_groups):
 
 
 def test_refill_samples_more_prompts_until_the_step_is_full():
-    from rlsys.train import collect_groups
+    from rlsys.steps import collect_groups
 
     run = _FakeRun()
     groups, m = collect_groups(run, PromptStream(list(range(20)), shuffle=False, seed=0), _cfg(refill=True), ["a"])

@@ -5,8 +5,9 @@ from rlsys.config import DataConfig
 
 
 def load_for_config(data_cfg: DataConfig) -> list:
-    """Examples for the loop: ``TurnExample`` (episodebench), ``PolarisExample`` (polaris) or
-    ``PromptExample`` (prompt: your own task, see rlsys.data.prompts).
+    """Examples for the loop: ``TurnExample`` (episodebench), ``PolarisExample`` (polaris),
+    ``StorytellerExample`` (storyteller) or ``PromptExample`` (prompt: your own task, see
+    rlsys.data.prompts).
 
     Both carry ``uid`` and ``messages``, all the rollout side needs; the reward actor reads the
     rest of the example (``dataclasses.asdict``) for its recipe.
@@ -15,6 +16,10 @@ def load_for_config(data_cfg: DataConfig) -> list:
         from rlsys.data.polaris import load_polaris
 
         return load_polaris(data_cfg.path, split=data_cfg.split, limit=data_cfg.limit)
+    if data_cfg.format == "storyteller":
+        from rlsys.data.storyteller import load_storyteller
+
+        return load_storyteller(data_cfg.path, split=data_cfg.split, limit=data_cfg.limit)
     if data_cfg.format == "prompt":
         from rlsys.data.prompts import load_prompts
 

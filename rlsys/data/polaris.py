@@ -8,7 +8,6 @@ when the prompt says "N words long"; if both are given they must agree) and ``ui
 """
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,17 +167,7 @@ def _polaris_schema():
 
 def polaris_synth_main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``rlsys data synth-polaris --out DIR [--n N] [--seed S] [--format parquet|jsonl]``."""
-    parser = argparse.ArgumentParser(prog="rlsys data synth-polaris",
-                                     description="Write a synthetic POLARIS (recipe B) prompt/story dataset.")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n", type=int, default=40, help="number of rows, train + test (default 40)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_polaris_dataset(args.out, args.n, args.seed, args.format)
-    except ValueError as exc:
-        parser.error(str(exc))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
+    from rlsys.data.synth import rows_dataset_cli
+
+    return rows_dataset_cli(argv, "rlsys data synth-polaris",
+                            "Write a synthetic POLARIS (recipe B) prompt/story dataset.", 40, write_polaris_dataset)

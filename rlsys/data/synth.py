@@ -18,7 +18,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rlsys.atomic import write_file
 from rlsys.data.synth_graph import END, Story, make_story
@@ -215,6 +215,25 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = write_dataset(args.out, args.stories, args.seed, args.format, args.zh_ratio)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def rows_dataset_cli(argv: Sequence[str] | None, prog: str, description: str, default_n: int,
+                     write: Callable[[str, int, int, str], dict]) -> int:
+    """The CLI of a row-dataset generator: ``PROG --out DIR [--n N] [--seed S] [--format parquet|jsonl]``
+    calling ``write(out, n, seed, format)`` and printing the paths it returns."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n", type=int, default=default_n, help=f"number of rows, train + test (default {default_n})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    args = parser.parse_args(argv)
+    try:
+        paths = write(args.out, args.n, args.seed, args.format)
     except ValueError as exc:
         parser.error(str(exc))
     for name, path in paths.items():

@@ -1,0 +1,69 @@
+"""One training step each: generate and score groups, then GRPO (advantages) or DPO (pairs),
+update, broadcast. Called by the loop in rlsys/train.py."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from rlsys.batching import (assign_advantages, build_pairs, reference_weight, reward_metrics,
+                            screen_groups)
+from rlsys.config import RunConfig
+from rlsys.data.stream import PromptStream
+
+
+def collect_groups(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> tuple[list, dict]:
+    """Generate and score a step's groups; screen them (rlsys.batching.screen_groups) and, with
+    `algorithm.filter_groups.refill`, sample more prompts until the step is full."""
+    fc, want = cfg.algorithm.filter_groups, cfg.rollout.prompts_per_step
+    groups, counts, timing, rounds = [], Counter(), Counter(), 0
+    while True:
+        new, t = run.generate_and_score(stream.take(want - len(groups)))
+        timing.update(t)
+        kept, c = screen_groups(new, channels, filter_constant=fc.enabled, std_threshold=fc.std_threshold)
+        groups, counts = groups + kept, counts + c
+        if len(groups) >= want or not (fc.enabled and fc.refill) or rounds >= fc.max_refill_rounds:
+            break
+        rounds += 1
+    counts["refill_surplus_groups"] = max(0, len(groups) - want)
+    groups = groups[:want]
+    for gi, g in enumerate(groups):
+        for s in g:
+            s["group"] = gi
+    out = {**timing, **{f"rollout/{k}": float(counts[k]) for k in
+                        ("masked_nonfinite", "dropped_groups", "filtered_groups", "refill_surplus_groups")}}
+    out.update({"rollout/refill_rounds": float(rounds), "rollout/groups": float(len(groups)),
+                "perf/gen_tokens_per_s": timing["rollout/generated_tokens"] / max(timing["time/generate"], 1e-9)})
+    return groups, out
+
+
+def grpo_step(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> tuple[list[dict], dict[str, float]]:
+    """One step: generate and score groups, advantages, update, broadcast."""
+    t0 = time.perf_counter()
+    groups, rollout = collect_groups(run, stream, cfg, channels)
+    hri = cfg.algorithm.reference_injection  # its weight warms up with the policy version (= steps done)
+    assign_advantages(groups, cfg.reward.weights, estimator=cfg.algorithm.advantage, aggregation=cfg.reward.aggregation,
+                      eps=cfg.algorithm.norm_eps, reference_weight=reference_weight(run.version + 1, hri.weight, hri.warmup_steps))
+    samples = [s for g in groups for s in g]
+    # Masked samples (reward unavailable) stay out of the loss as well as the statistics.
+    trainable = [s for s in samples if s["valid"]]
+    metrics = {**rollout, **reward_metrics(groups, channels), **run.train(trainable), **run.sync_weights(),
+               **run.reward_actor_metrics()}
+    metrics["time/step"] = time.perf_counter() - t0
+    metrics["policy_version"] = float(run.version)
+    return samples, metrics
+
+
+def dpo_step(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> tuple[list[dict], dict[str, float]]:
+    """One preference step (recipe C): generate and score G samples per prompt, pair each
+    group's best and worst (rlsys.batching.build_pairs), a DPO update on the pairs, broadcast."""
+    t0 = time.perf_counter()
+    groups, rollout = collect_groups(run, stream, cfg, channels)
+    pairs, counts = build_pairs(groups, cfg.reward.weights, cfg.algorithm.preference.min_margin)
+    samples = [s for g in groups for s in g]
+    gap = [c["reward"] - r["reward"] for c, r in pairs]
+    metrics = {**rollout, **reward_metrics(groups, channels), "pairs/pairs": float(len(pairs)),
+               "pairs/tied_groups": float(counts["tied_groups"]), "pairs/reward_gap": sum(gap) / max(len(gap), 1),
+               **run.train_pairs(pairs), **run.sync_weights(), **run.reward_actor_metrics()}
+    metrics["time/step"] = time.perf_counter() - t0
+    metrics["policy_version"] = float(run.version)
+    return samples, metrics
