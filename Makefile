@@ -33,14 +33,12 @@ endif
 	$(PY) -c "import vllm, deepspeed, ray, torch, rlsys; print('rlsys installed:', torch.__version__)"
 	@touch $@
 
-data/demo/train.parquet: | $(STAMP)
-	$(VENV)/bin/rlsys data synth --out data/demo --stories 12 --seed 1
-
-data/polaris/train.parquet: | $(STAMP)
-	$(VENV)/bin/rlsys data synth-polaris --out data/polaris --n 40 --seed 0
-
-demo: install data/demo/train.parquet
-	$(VENV)/bin/rlsys train configs/demo.yaml
+# One recipe on the embedded model: RECIPE=episodebench (default), polaris (with human reference
+# injection), polaris-no-hri, dpo (recipe C). Data is made when missing; POLARIS is judged by
+# Gemini when GEMINI_API_KEY is set, else by a rule-based stand-in judge on 127.0.0.1.
+RECIPE ?= episodebench
+demo: install
+	$(VENV)/bin/rlsys demo $(RECIPE)
 
 # Your own task by configuration: examples/keyword (reward functions + generic prompt rows).
 example: install
@@ -53,9 +51,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e" tests
 
-# Recipe B on CPU: needs a judge endpoint (see configs/polaris_no_hri.yaml).
-demo-polaris: install data/polaris/train.parquet
-	$(VENV)/bin/rlsys train configs/polaris_no_hri.yaml
+demo-polaris: install
+	$(VENV)/bin/rlsys demo polaris
 
 bench: install
 	$(PY) benchmarks/judge_throughput.py

@@ -1,4 +1,4 @@
-"""`rlsys` command line: train, data synth, judge score, config-help, channels.
+"""`rlsys` command line: train, eval, demo, data synth, judge score, config-help, channels.
 
 Configuration and data problems are reported as one readable message and exit code 2, before
 any cluster is started.
@@ -14,13 +14,20 @@ USAGE = """rlsys <command> ...
   train <recipe.yaml> [section.key=value ...] [--resume auto|PATH]
                                                 run GRPO (starts or joins Ray); --resume continues
                                                 from a checkpoint (train.save_every)
+  eval <recipe.yaml> --model CKPT [--model CKPT2] [--k 7] [--limit N] [--out DIR]
+                                                sample k per prompt, score, report the model
+                                                card's metrics (table, eval.json, eval.png)
   data synth --out DIR [--stories N] [--seed S] synthetic EpisodeBench data (recipe A)
   data synth-polaris --out DIR [--n N] [--seed S] synthetic prompt/story data (recipe B)
   data synth-storyteller --out DIR [--n N] [--seed S]
                                                 synthetic real/shuffled frame sequences (recipe C)
   judge score <judge.yaml> --input F --output F score stories with an LLM judge
   config-help                                   every config key with its docstring
-  channels                                      the built-in reward channels (reward.weights names)"""
+  channels                                      the built-in reward channels (reward.weights names)
+  demo [episodebench|polaris|polaris-no-hri|dpo] [section.key=value ...]
+                                                one recipe on the embedded model: its data made if
+                                                missing; POLARIS judged by Gemini with GEMINI_API_KEY,
+                                                else by a rule-based stand-in on 127.0.0.1"""
 
 
 def _setup_logging(log_file: str | None = None) -> None:
@@ -145,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         return judge_main(rest)
     if cmd == "channels":
         return _channels()
+    if cmd == "eval":
+        _setup_logging()
+        from rlsys.evaluate import eval_main
+        return eval_main(rest)
+    if cmd == "demo":
+        _setup_logging()
+        from rlsys.demo import demo_main
+        return demo_main(rest)
     if cmd == "config-help":
         return _config_help()
     print(f"rlsys: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)

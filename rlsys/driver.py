@@ -82,7 +82,7 @@ class GRPORun:
         return [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.learner_pg, placement_group_bundle_index=r)).remote(
                     r, lc.num_ranks, host, port, model_dir, lc, self.cfg.algorithm, self.cfg.seed,
-                    dtype=self.cfg.model.dtype, temperature=self.learner_temperature())
+                    dtype=self.cfg.weights_dtype(), temperature=self.learner_temperature())
                 for r in range(lc.num_ranks)]
 
     def _start_rollouts(self, model_dir: str) -> list:
@@ -94,7 +94,7 @@ class GRPORun:
         self._new_rollout = lambda i: cls.remote(
             model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
             gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
-            dtype=self.cfg.model.dtype, seed=self.cfg.seed + i)
+            dtype=self.cfg.weights_dtype(), seed=self.cfg.seed + i)
         return [self._new_rollout(i) for i in range(rc.num_actors)]
 
     def _start_rewarders(self) -> list:

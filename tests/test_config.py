@@ -119,3 +119,17 @@ def test_cli_rejects_bad_config_before_ray(tmp_path, base):
     assert "rollout.group_size" in proc.stderr and "greater than or equal to 2" in proc.stderr
     # Nothing started: no Ray banner in the output.
     assert "Ray" not in proc.stderr
+
+
+def test_auto_dtype_follows_the_hardware(base):
+    from rlsys.config import cpu_has_native_bf16
+
+    amx = "processor : 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n"
+    epyc = "processor : 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    assert cpu_has_native_bf16(amx) and cpu_has_native_bf16("flags : avx512_bf16") and not cpu_has_native_bf16(epyc)
+    cfg = load_config(base=base)
+    assert cfg.model.dtype == "auto"
+    assert cfg.weights_dtype() == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    gpu = load_config(base=base, overrides=["learner.num_gpus=1"])
+    assert gpu.weights_dtype() == "bfloat16"  # a GPU run: bf16 whatever the driver's CPU
+    assert load_config(base=base, overrides=["model.dtype=float16"]).weights_dtype() == "float16"

@@ -151,7 +151,7 @@ def test_async_channel_runs_calls_concurrently_up_to_its_limit():
     elapsed = time.perf_counter() - t0
     assert state["peak"] == 3  # 12 calls, never more than 3 at once
     assert outs[0]["a"] == [2.0 * (i + 1) for i in range(6)] and outs[1]["a"] == [1.0] * 6
-    assert 0.2 <= elapsed < 0.55, elapsed  # 4 rounds of 0.05 s, not 12 in sequence
+    assert elapsed >= 0.2, elapsed  # at least 4 rounds of 0.05 s: never more than 3 at once
 
 
 def test_async_timeout_cancels_the_call():
@@ -234,24 +234,30 @@ def test_async_http_scorer_from_a_file_under_the_concurrency_limit(tmp_path, sco
     assert out["mask_reason"][10].startswith("remote: HTTPStatusError") and "500" in out["mask_reason"][10]
     assert again["remote"] == [3.0, 2.0]
     assert _ScoreHandler.peak == 4  # 11 requests, 4 at a time
-    assert 0.3 <= first < 1.0, first  # ceil(11/4) = 3 rounds of 0.1 s
+    assert first >= 0.3, first  # ceil(11/4) = 3 rounds of 0.1 s at least
     assert metrics["reward_masked/remote"] == 1 and metrics["reward_errors/remote"] == 1
     assert metrics["reward_time/remote_s"] >= 0.3 and scorer.pop_metrics() == {}
 
 
 def test_channels_run_concurrently_with_each_other():
+    spans = {}
+
     async def slow_async(text):
+        start = time.perf_counter()
         await asyncio.sleep(0.3)
+        spans.setdefault("a", []).append((start, time.perf_counter()))
         return 1.0
 
     def slow_sync(texts):
+        start = time.perf_counter()
         time.sleep(0.3)
+        spans.setdefault("g", []).append((start, time.perf_counter()))
         return [2.0] * len(texts)
 
-    t0 = time.perf_counter()
     [out], stats = run([Channel("a", slow_async), Channel("g", slow_sync, per="group")], [group(["x", "y"])])
     assert out["a"] == [1.0, 1.0] and out["g"] == [2.0, 2.0]
-    assert time.perf_counter() - t0 < 0.55  # both 0.3 s channels overlapped
+    (g_start, g_end), = spans["g"]
+    assert all(a_start < g_end and g_start < a_end for a_start, a_end in spans["a"])  # they overlapped
     assert stats["reward_time/a_s"] >= 0.3 and stats["reward_time/g_s"] >= 0.3
 
 
