@@ -10,7 +10,8 @@ Recipe A (EpisodeBench): ``fmt``, ``acc`` (needs the row's ``reference_next_epis
 Recipe B (POLARIS): ``sq`` (LLM judge, needs ``messages``), ``rep``, ``len_pen`` (target from
 ``target_word_count`` or the prompt's "N words long"), ``blank``.
 Recipe C (QwenStoryteller2, text-only): ``st_struct``, ``st_reid`` (needs ``synthetic``),
-``st_ground`` (rewards/storyteller.py).
+``st_ground`` (rewards/storyteller.py), and ``st_progress``, our shaping channel for a base
+model that never saw the format.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from rewards.diversity import Encoder, dpp_diversity
 from rewards.episodebench import ParsedResponse, accuracy_reward, format_reward, length_reward, parse_response
 from rewards.judge_rubric import prompt_text
 from rewards.polaris import blank_penalty, length_penalty, self_repetition, target_word_count
-from rewards.storyteller import st_ground, st_reid, st_struct
+from rewards.storyteller import st_ground, st_progress, st_reid, st_struct
 
 
 class Resources(Protocol):
@@ -181,6 +182,11 @@ def _st_reid(opts: Any, res: Resources) -> Channel:
 @_register("st_ground", "sample", "share of pronouns and names grounded in <gdo> tags")
 def _st_ground(opts: Any, res: Resources) -> Channel:
     return Channel("st_ground", st_ground, timeout_s=None, inline=True)
+
+
+@_register("st_progress", "sample", "ours: share of 4 format markers present (shaping for a base model)")
+def _st_progress(opts: Any, res: Resources) -> Channel:
+    return Channel("st_progress", st_progress, timeout_s=None, inline=True)
 
 
 # ---------------------------------------------------------------- the user's functions

@@ -96,7 +96,8 @@ TABLE_ID_COLUMNS: Mapping[str, str] = {"character id": "character", "object id":
                                        "setting id": "location", "location id": "location"}
 FORMAT_HINT = ("Format: inside <think></think>, write markdown tables: one with a 'Character ID' column "
                "(ids char1, char2, ...), optionally one with 'Object ID' (obj1, ...) and one with 'Setting ID' "
-               "(loc1, ...). After </think>, write the story: one <gdi imageK>...</gdi> per frame; inside it tag "
+               "(loc1, ...). After </think>, write the story, one tagged block per frame: <gdi image1>...</gdi> for "
+               "frame 1, <gdi image2>...</gdi> for frame 2, and so on; inside it tag "
                "each mention <gdo char1>Anna</gdo>, action <gda char1>runs</gda> and place <gdl loc1>the park</gdl>, "
                "using only ids from your tables.")
 
@@ -427,3 +428,30 @@ def st_reid(text: object, synthetic: object) -> float:
 def st_ground(text: object) -> float:
     """Channel: ``grounding_reward``."""
     return grounding_reward(text)
+
+
+# ----------------------------------------------------------------------------- shaping (ours)
+
+# Independent markers of the format, each found anywhere in the output (bounded: MAX_OUTPUT_CHARS).
+_PROGRESS_MARKERS = (
+    re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL),   # a closed reasoning block
+    re.compile(r"^\s*\|.*\b(?:character|object|setting|location)\s+id\b.*\|", re.IGNORECASE | re.MULTILINE),
+    re.compile(r"<gdi\s+image\d+\s*>", re.IGNORECASE),               # a frame tag
+    re.compile(r"<gdo\s+(?:char|obj)\d+[^>]*>", re.IGNORECASE),      # an entity tag
+)
+
+
+def format_progress(text: object) -> float:
+    """*Ours*, not the card's: the share of four format markers present anywhere -- a closed think
+    block, an id-table header, a ``<gdi imageK>`` frame tag, a ``<gdo ID>`` entity tag -- in
+    [0, 1]. A base model that never saw the format (the card starts from an SFT model) earns 0 on
+    every gated channel, so its groups tie and DPO gets no pair; this gives such a model a slope
+    towards the format. Not gated; bounded like the rest (long outputs score 0)."""
+    if not isinstance(text, str) or len(text) > MAX_OUTPUT_CHARS:
+        return 0.0
+    return sum(bool(m.search(text)) for m in _PROGRESS_MARKERS) / len(_PROGRESS_MARKERS)
+
+
+def st_progress(text: object) -> float:
+    """Channel: ``format_progress`` (shaping for base models; ours)."""
+    return format_progress(text)

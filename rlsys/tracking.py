@@ -24,7 +24,7 @@ ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int6
 # metric -> progress-bar label
 SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc", "reward/len": "len",
                 "reward/div": "div", "reward/sq": "sq", "loss/total": "loss", "loss/kl": "kl",
-                "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step"}
+                "dpo/accuracy": "pair_acc", "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step"}
 
 
 METRICS_LOG = "metrics.jsonl"
@@ -77,7 +77,7 @@ class RunTracker:
                 f.unlink()
         self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         self._schema: pa.Schema | None = None
-        self.bar = tqdm(total=total_steps, initial=resume_step, desc="grpo", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc=str(config_dump.get("name") or "train"), unit="step", dynamic_ncols=True)
 
     def log_rollouts(self, samples: list[dict], step: int) -> None:
         """Write this step's samples (with all reward channels) to rollouts/step-<N>.parquet."""

@@ -296,7 +296,7 @@ def test_builtin_channels_match_the_recipe_functions():
         assert [out[c][i] for c in ("rep", "len_pen", "blank")] == [b["rep"], b["len_pen"], b["blank"]]
     assert out["acc"][0] == 1.0 and len(out["div"]) == 3 and all(math.isfinite(v) for v in out["div"])
     assert set(BUILTIN_CHANNELS) == {"fmt", "acc", "len", "div", "sq", "rep", "len_pen", "blank",
-                                     "st_struct", "st_reid", "st_ground"}
+                                     "st_struct", "st_reid", "st_ground", "st_progress"}
 
 
 def test_sq_channel_scores_the_whole_batch_in_one_judge_call(tmp_path):

@@ -413,3 +413,15 @@ def test_generator_rejects_bad_arguments(tmp_path):
         args = {"n": 5, "seed": 0, **kwargs}
         with pytest.raises(ValueError):
             write_storyteller_dataset(tmp_path, **args)
+
+
+def test_format_progress_counts_markers_independently():
+    from rewards.storyteller import format_progress, st_progress
+
+    assert format_progress("a plain story with no format at all") == 0.0
+    assert format_progress("<gdi image2>Rain falls.</gdi>") == 0.25           # the frame tag alone
+    assert format_progress("<think>plan</think> <gdi image1><gdo char1>Ana</gdo></gdi>") == 0.75
+    full = "<think>\n| Character ID | Name |\n|---|---|\n| char1 | Ana |\n</think><gdi image1><gdo char1>Ana</gdo></gdi>"
+    assert format_progress(full) == 1.0 and st_progress(full) == 1.0
+    assert format_progress("</think> then <think>") == 0.0                      # not a closed block
+    assert format_progress(None) == 0.0 and format_progress("<gdi image1>" * 100_000) == 0.0  # bounded
