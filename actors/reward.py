@@ -57,8 +57,10 @@ def merge_judge_metrics(per_actor: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class _ActorResources:
-    """Heavy state for the built-in channels, built only when a channel asks for it."""
+class ChannelResources:
+    """Heavy state for the built-in channels (rewards.registry.Resources), built only when a
+    channel asks for it. The judge uses its Ray worker pool when Ray is up, else one local client
+    (`rlsys eval` builds its channels before Ray starts)."""
 
     def __init__(self, cfg: RewardConfig, judge_cfg: dict[str, Any] | None) -> None:
         self.cfg, self.judge_cfg = cfg, judge_cfg
@@ -77,7 +79,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig, judge_cfg: dict[str, Any] | None = None):
         self.cfg = cfg
-        res = _ActorResources(cfg, judge_cfg)
+        res = ChannelResources(cfg, judge_cfg)
         self.scorer = ChannelScorer(build_channels(cfg, cfg.active_channels(), res))
         self.judge = res.judge_scorer  # None unless the sq channel is active
         self.busy_s = 0.0

@@ -80,10 +80,7 @@ class DeepSpeedLearner:
         self.ref = load_reference(model_dir, self.dtype, learner_cfg, self.device, self.temperature) \
             if needs_ref and self.peft is None else None
         self.init_timings["reference"] = time.perf_counter() - t0 - sum(self.init_timings.values())
-        if algo_cfg.is_preference:
-            self.loss_fn = PREFERENCE_LOSSES[algo_cfg.loss]
-        else:
-            self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
+        self.loss_fn = (PREFERENCE_LOSSES if algo_cfg.is_preference else POLICY_LOSSES)[algo_cfg.loss]
         self.transport: WeightTransport | None = None
         self.init_seconds = time.perf_counter() - t0
         log.info("rank %d: learner ready in %.1fs (ZeRO-%d, %s): %s", rank, self.init_seconds,
@@ -112,6 +109,17 @@ class DeepSpeedLearner:
         dist.all_reduce(totals)
         return mbs, chunks.tolist(), float(totals[0]), float(totals[1])
 
+    def _mini_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The batch's mini-batches (one optimizer step each), checked to be as many as on every
+        other rank: the updates are collectives."""
+        parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
+        n_parts = torch.tensor([len(parts)], dtype=torch.int64)
+        dist.all_reduce(n_parts, op=dist.ReduceOp.MAX)
+        if int(n_parts) != len(parts):
+            raise ValueError(f"rank {self.rank} got {len(parts)} mini-batches, another rank {int(n_parts)}; "
+                             "every rank needs the same number")
+        return parts
+
     def _reference_logprobs(self, m: MicroBatch, num_chunks: int) -> torch.Tensor:
         """Log-probs under the reference policy: the frozen copy, or the base with the adapter off."""
         if self.peft is None:
@@ -138,12 +146,7 @@ class DeepSpeedLearner:
         if self.ac.is_preference:
             return self._preference_step(batch)
         t0 = time.perf_counter()
-        parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
-        n_parts = torch.tensor([len(parts)], dtype=torch.int64)
-        dist.all_reduce(n_parts, op=dist.ReduceOp.MAX)
-        if int(n_parts) != len(parts):
-            raise ValueError(f"rank {self.rank} got {len(parts)} mini-batches, another rank {int(n_parts)}; "
-                             "every rank needs the same number")
+        parts = self._mini_batches(batch)
         plans = []  # per mini-batch: (micro-batches, head chunks, denominator)
         g_tokens = g_seqs = 0.0
         for part in parts:
@@ -205,11 +208,7 @@ class DeepSpeedLearner:
         consecutive rows (chosen, rejected); the loss of a pair compares the policy's summed
         response log-probs with the reference's. Mini-batches and epochs as in `train_step`."""
         t0 = time.perf_counter()
-        parts = list(batch["mini_batches"]) if "mini_batches" in batch else [batch]
-        n_parts = torch.tensor([len(parts)], dtype=torch.int64)
-        dist.all_reduce(n_parts, op=dist.ReduceOp.MAX)
-        if int(n_parts) != len(parts):
-            raise ValueError(f"rank {self.rank} got {len(parts)} mini-batches, another rank {int(n_parts)}")
+        parts = self._mini_batches(batch)
         size = 2 * max(1, self.lc.micro_batch_size // 2)  # whole pairs in every micro-batch
         plans = []
         for part in parts:

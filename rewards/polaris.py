@@ -43,7 +43,7 @@ from rewards.think import answer_text
 
 __all__ = ["REP_CAP", "story_part", "word_count", "target_word_count", "length_bounds", "length_penalty",
            "blank_penalty", "repeated_ngram_ratio", "local_repetition_ratio", "duplicate_line_ratio",
-           "self_repetition", "polaris_rule_channels"]
+           "self_repetition", "requested_word_count", "polaris_rule_channels"]
 
 # "approximately 1,500 words long": thousands separators are allowed, else "1,500" would read as 500.
 # The look-behind and possessive quantifiers keep the search linear on hostile text (a long run
@@ -170,10 +170,16 @@ def self_repetition(story: str) -> float:
     return min(REP_CAP, repeated_ngram_ratio(words) + local_repetition_ratio(words) + duplicate_line_ratio(text))
 
 
+def requested_word_count(prompt: object, target: object = None) -> object:
+    """The length a row asks for: its ``target`` (target_word_count) when given, else the
+    "N words long" of the prompt (a string or a chat list); ``length_penalty`` judges whether
+    it is usable."""
+    return target if target is not None else target_word_count(_prompt_text(prompt))
+
+
 def polaris_rule_channels(story: str, prompt_text: str | list[dict], target: int | None = None) -> dict[str, float]:
     """``{"rep", "len_pen", "blank"}`` for one output. ``target`` (the row's target_word_count)
     wins over the length stated in the prompt; a prompt may also be a chat list. Never raises
     (module docstring: untrusted input)."""
-    if target is None:
-        target = target_word_count(_prompt_text(prompt_text))
+    target = requested_word_count(prompt_text, target)
     return {"rep": self_repetition(story), "len_pen": length_penalty(story, target), "blank": blank_penalty(story)}

@@ -22,8 +22,7 @@ from typing import Any, Callable, Protocol
 from rewards.channels import Channel, Masked, Per
 from rewards.diversity import Encoder, dpp_diversity
 from rewards.episodebench import ParsedResponse, accuracy_reward, format_reward, length_reward, parse_response
-from rewards.judge_rubric import prompt_text
-from rewards.polaris import blank_penalty, length_penalty, self_repetition, target_word_count
+from rewards.polaris import blank_penalty, length_penalty, requested_word_count, self_repetition
 from rewards.storyteller import st_ground, st_progress, st_reid, st_struct
 
 
@@ -112,21 +111,8 @@ def _div(opts: Any, res: Resources) -> Channel:
 
 # ---------------------------------------------------------------- recipe B (POLARIS)
 
-def rep_penalty(text: Any) -> float:
-    return self_repetition(text)
-
-
 def len_pen_penalty(text: Any, messages: Any = None, target_word_count: Any = None) -> float:
-    target = target_word_count if target_word_count is not None else target_word_count_of(messages)
-    return length_penalty(text, target)
-
-
-def target_word_count_of(messages: Any) -> int | None:
-    return target_word_count(prompt_text(messages))
-
-
-def blank_penalty_channel(text: Any) -> float:
-    return blank_penalty(text)
+    return length_penalty(text, requested_word_count(messages, target_word_count))
 
 
 def judge_story_quality(batch: list[tuple[list[Any], dict[str, Any]]], *, judge: Any) -> list[list[Any]]:
@@ -141,19 +127,15 @@ def judge_story_quality(batch: list[tuple[list[Any], dict[str, Any]]], *, judge:
     return out
 
 
-@_register("rep", "sample", "self-repetition of the story (n-grams, worst window, repeated lines), in [0, 1.5]")
-def _rep(opts: Any, res: Resources) -> Channel:
-    return Channel("rep", rep_penalty, timeout_s=None, inline=True)
+def _rule(name: str, fn: Callable[..., float], doc: str, requires: tuple[str, ...] = ()) -> None:
+    """Register a per-sample built-in without options: cheap and trusted, so called inline on
+    the scoring loop, with no deadline."""
+    _register(name, "sample", doc, requires)(lambda opts, res: Channel(name, fn, timeout_s=None, inline=True))
 
 
-@_register("len_pen", "sample", "distance outside the requested length band, in [0, 1]")
-def _len_pen(opts: Any, res: Resources) -> Channel:
-    return Channel("len_pen", len_pen_penalty, timeout_s=None, inline=True)
-
-
-@_register("blank", "sample", "1 for a (nearly) blank story, else 0")
-def _blank(opts: Any, res: Resources) -> Channel:
-    return Channel("blank", blank_penalty_channel, timeout_s=None, inline=True)
+_rule("rep", self_repetition, "self-repetition of the story (n-grams, worst window, repeated lines), in [0, 1.5]")
+_rule("len_pen", len_pen_penalty, "distance outside the requested length band, in [0, 1]")
+_rule("blank", blank_penalty, "1 for a (nearly) blank story, else 0")
 
 
 @_register("sq", "batch", "LLM-judge story quality (overall/100); needs reward.judge", requires=("messages",))
@@ -168,25 +150,11 @@ def _sq(opts: Any, res: Resources) -> Channel:
 
 # ---------------------------------------------------------------- recipe C (QwenStoryteller2, text-only)
 
-@_register("st_struct", "sample", "1 when the <think> tables and grounding tags parse (gates st_reid, st_ground)")
-def _st_struct(opts: Any, res: Resources) -> Channel:
-    return Channel("st_struct", st_struct, timeout_s=None, inline=True)
-
-
-@_register("st_reid", "sample", "cross-frame entity links: +share on real sequences, -share on synthetic ones",
-           requires=("synthetic",))
-def _st_reid(opts: Any, res: Resources) -> Channel:
-    return Channel("st_reid", st_reid, timeout_s=None, inline=True)
-
-
-@_register("st_ground", "sample", "share of pronouns and names grounded in <gdo> tags")
-def _st_ground(opts: Any, res: Resources) -> Channel:
-    return Channel("st_ground", st_ground, timeout_s=None, inline=True)
-
-
-@_register("st_progress", "sample", "ours: share of 4 format markers present (shaping for a base model)")
-def _st_progress(opts: Any, res: Resources) -> Channel:
-    return Channel("st_progress", st_progress, timeout_s=None, inline=True)
+_rule("st_struct", st_struct, "1 when the <think> tables and grounding tags parse (gates st_reid, st_ground)")
+_rule("st_reid", st_reid, "cross-frame entity links: +share on real sequences, -share on synthetic ones",
+      requires=("synthetic",))
+_rule("st_ground", st_ground, "share of pronouns and names grounded in <gdo> tags")
+_rule("st_progress", st_progress, "ours: share of 4 format markers present (shaping for a base model)")
 
 
 # ---------------------------------------------------------------- the user's functions

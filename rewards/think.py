@@ -26,27 +26,38 @@ THINK_TAG = re.compile(r"<(/?)think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 
 
-def answer_text(text: object) -> str:
-    """The answer part of `text`, unstripped (whitespace matters to the blank penalty)."""
-    if not isinstance(text, str):
-        return ""
+def _pieces(text: str) -> tuple[list[tuple[bool, str]], int]:
+    """`text` cut at its think tags, tags dropped: [(is reasoning, piece)] in order, and the
+    index before which every piece is reasoning (the last orphan ``</think>``). A block never
+    closed ends the scan: it and what follows belong to no piece. Linear in len(text)."""
     finder = OutsideFinder(text)
-    kept: list[str] = []
-    pos = 0   # start of the answer text not yet kept
+    pieces: list[tuple[bool, str]] = []
+    orphan_cut = 0
+    pos = 0   # start of the text not yet cut
     while True:
         tag = finder.find(THINK_TAG, pos)
         if tag is None:
             break
         if tag.group(1):  # an orphan </think>: everything before it is reasoning
-            kept, pos = [], tag.end()
+            pieces.append((True, text[pos:tag.start()]))
+            orphan_cut, pos = len(pieces), tag.end()
             continue
-        kept.append(text[pos:tag.start()])
+        pieces.append((False, text[pos:tag.start()]))
         close = _THINK_CLOSE.search(text, tag.end())
-        if close is None:  # never closed: the rest is reasoning
-            return "".join(kept)
+        if close is None:  # never closed: truncated reasoning, the rest is neither
+            return pieces, orphan_cut
+        pieces.append((True, text[tag.end():close.start()]))
         pos = close.end()
-    kept.append(text[pos:])
-    return "".join(kept)
+    pieces.append((False, text[pos:]))
+    return pieces, orphan_cut
+
+
+def answer_text(text: object) -> str:
+    """The answer part of `text`, unstripped (whitespace matters to the blank penalty)."""
+    if not isinstance(text, str):
+        return ""
+    pieces, orphan_cut = _pieces(text)
+    return "".join(piece for i, (thought, piece) in enumerate(pieces) if not thought and i >= orphan_cut)
 
 
 def strip_think(text: object) -> str:
@@ -62,23 +73,5 @@ def think_text(text: object) -> str:
     "" when there is none, and for non-str input."""
     if not isinstance(text, str):
         return ""
-    finder = OutsideFinder(text)
-    pieces: list[tuple[bool, str]] = []  # (is reasoning, text) in order, tags dropped
-    orphan_cut = 0  # pieces before this index are reasoning whatever their kind (last orphan close)
-    pos = 0
-    while True:
-        tag = finder.find(THINK_TAG, pos)
-        if tag is None:
-            break
-        if tag.group(1):  # an orphan </think>: everything before it is reasoning
-            pieces.append((True, text[pos:tag.start()]))
-            orphan_cut, pos = len(pieces), tag.end()
-            continue
-        close = _THINK_CLOSE.search(text, tag.end())
-        if close is None:  # never closed: truncated reasoning, not part of the result
-            break
-        pieces.append((False, text[pos:tag.start()]))
-        pieces.append((True, text[tag.end():close.start()]))
-        pos = close.end()
-    # One pass at the end (not a copy per orphan tag): linear even for "</think>" * 10**5.
+    pieces, orphan_cut = _pieces(text)
     return "".join(piece for i, (thought, piece) in enumerate(pieces) if thought or i < orphan_cut)

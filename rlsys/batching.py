@@ -194,7 +194,7 @@ def build_pairs(groups: list[list[dict]], weights: dict[str, float], min_margin:
         for s in g:
             s["reward"] = sum(weights[c] * s[f"reward_{c}"] for c in channels) if s.get("valid", True) \
                 else float("nan")
-        if not group_is_usable([True] * len(valid)):
+        if not group_is_usable([s.get("valid", True) for s in g]):
             counts["dropped_groups"] += 1
             continue
         best = max(valid, key=lambda s: s["reward"])

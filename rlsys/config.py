@@ -153,8 +153,9 @@ class RewardConfig(Strict):
     """Judge config YAML (see configs/judge_local.yaml); required by the sq channel."""
     weights: dict[str, float] = Field(default_factory=lambda: {"fmt": 0.15, "acc": 0.30, "len": 0.15, "div": 0.40})
     """λ per channel: the channels a run computes and how they add up. Built-in channels (see
-    `rlsys channels`): fmt, acc, len, div (recipe A), sq, rep, len_pen, blank (recipe B); or a
-    name from `functions`. A channel with weight 0 is not computed; a negative weight minimises it."""
+    `rlsys channels`): fmt, acc, len, div (recipe A), sq, rep, len_pen, blank (recipe B),
+    st_struct, st_reid, st_ground, st_progress (recipe C); or a name from `functions`. A channel
+    with weight 0 is not computed; a negative weight minimises it."""
     functions: dict[str, FunctionChannelConfig] = {}
     """Your own channels: name -> `module:function` / `path/to/file.py:function`, or a mapping
     {function, per, kwargs, timeout_s, concurrency}. Called as `fn(text, **fields)` with the data

@@ -245,22 +245,24 @@ class GRPORun:
         groups per mini-batch, order seeded by run seed and policy version), each split over the
         learner ranks by tokens."""
         t0 = time.perf_counter()
-        rng = random.Random(self.cfg.seed * 1_000_003 + self.version)
-        parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, rng)
-        per_part = [split_for_ranks(p, len(self.learners)) for p in parts]
-        batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
-        metrics = self._get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)], "learner update")[0]
-        return {**metrics, "time/train": time.perf_counter() - t0}
+        parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, self._update_rng())
+        return self._update([split_for_ranks(p, len(self.learners)) for p in parts], t0)
 
     def train_pairs(self, pairs: list[tuple[dict, dict]]) -> dict[str, float]:
         """One preference update on the step's (chosen, rejected) pairs: `algorithm.mini_batches`
         optimizer steps over the pairs (order seeded like `train`), whole pairs per rank."""
         t0 = time.perf_counter()
-        rng = random.Random(self.cfg.seed * 1_000_003 + self.version)
         order = list(pairs)
-        rng.shuffle(order)
+        self._update_rng().shuffle(order)
         n = max(1, min(self.cfg.algorithm.mini_batches, len(order)))
-        per_part = [split_pairs_for_ranks(order[i::n], len(self.learners)) for i in range(n)]
+        return self._update([split_pairs_for_ranks(order[i::n], len(self.learners)) for i in range(n)], t0)
+
+    def _update_rng(self) -> random.Random:
+        """The order of a step's mini-batches: seeded by the run seed and the policy version."""
+        return random.Random(self.cfg.seed * 1_000_003 + self.version)
+
+    def _update(self, per_part: list[list[dict]], t0: float) -> dict[str, float]:
+        """Every rank's train_step on its share of every mini-batch (`per_part[j][rank]`)."""
         batches = [{"mini_batches": [pp[r] for pp in per_part]} for r in range(len(self.learners))]
         metrics = self._get([lr.train_step.remote(b) for lr, b in zip(self.learners, batches)], "learner update")[0]
         return {**metrics, "time/train": time.perf_counter() - t0}

@@ -17,26 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rlsys.atomic import write_file
-from rlsys.config import RewardConfig, RunConfig
+from rlsys.config import RunConfig
 
 log = logging.getLogger(__name__)
-
-
-class LocalResources:
-    """The channels' heavy state built in this process (no reward actor, no judge workers)."""
-
-    def __init__(self, cfg: RewardConfig) -> None:
-        self.cfg = cfg
-        self.judge_scorer = None
-
-    def encoder(self):
-        from actors.reward import load_encoder
-        return load_encoder(self.cfg.diversity.model)
-
-    def judge(self):
-        from rlsys.judge import JudgeScorer, load_judge_config
-        self.judge_scorer = JudgeScorer(load_judge_config(self.cfg.judge), backend="local")
-        return self.judge_scorer
 
 
 def _generate(cfg: RunConfig, model_dir: str, examples: list, k: int) -> list[dict]:
@@ -66,6 +49,7 @@ def _generate(cfg: RunConfig, model_dir: str, examples: list, k: int) -> list[di
 
 def evaluate(cfg: RunConfig, models: list[str], k: int, limit: int | None) -> dict[str, dict[str, float]]:
     """{model: {metric: value}} for every model, on the first `limit` prompts of data.path."""
+    from actors.reward import ChannelResources
     from rewards.channels import ChannelScorer
     from rewards.registry import build_channels
     from rlsys import cluster
@@ -77,7 +61,8 @@ def evaluate(cfg: RunConfig, models: list[str], k: int, limit: int | None) -> di
     examples = load_for_config(cfg.data)[:limit]
     channels = cfg.reward.active_channels()
     dirs = [resolve_model(m) for m in models]  # a missing checkpoint fails before Ray starts
-    res = LocalResources(cfg.reward)
+    # Built before Ray starts, so the judge (if any) is one local client in this process.
+    res = ChannelResources(cfg.reward, None)
     scorer = ChannelScorer(build_channels(cfg.reward, channels, res))
     cluster.connect(cfg.cluster)
     results = {}

@@ -18,7 +18,7 @@ from rewards.polaris import target_word_count
 # The turn reader's row plumbing (located errors, chat-message checks, file resolution) is reused
 # so both schemas report problems identically.
 from rlsys.data.episodebench import DataError, _as_list, _as_structure, _int, _message, _Row, load_unique_rows
-from rlsys.data.synth import chat_message_type, write_rows
+from rlsys.data.synth import chat_message_type, check_rows_args, write_train_test
 
 __all__ = ["PolarisExample", "parse_polaris_row", "load_polaris", "write_polaris_dataset", "polaris_synth_main"]
 
@@ -142,19 +142,8 @@ def write_polaris_dataset(out_dir: str | Path, n: int, seed: int, fmt: str = "pa
 
     Deterministic: the same arguments give byte-identical files.
     """
-    if fmt not in ("parquet", "jsonl"):
-        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    rows = [_synth_row(seed, i) for i in range(n)]
-    n_test = int(n * test_fraction)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, part in (("train", rows[:n - n_test]), ("test", rows[n - n_test:])):
-        paths[split] = out / f"{split}.{fmt}"
-        write_rows(paths[split], part, fmt, _polaris_schema() if fmt == "parquet" else None)
-    return paths
+    check_rows_args(n, fmt)
+    return write_train_test(out_dir, [_synth_row(seed, i) for i in range(n)], test_fraction, fmt, _polaris_schema)
 
 
 def _polaris_schema():

@@ -29,7 +29,7 @@ from rewards.storyteller import FORMAT_HINT, ID_PATTERNS, ID_PREFIXES
 # POLARIS split filter are reused so every schema reports problems identically.
 from rlsys.data.episodebench import DataError, _as_list, _as_structure, _message, _Row, load_unique_rows
 from rlsys.data.polaris import _row_split
-from rlsys.data.synth import write_rows
+from rlsys.data.synth import check_rows_args, write_train_test
 
 __all__ = ["SYSTEM_PROMPT", "StorytellerExample", "storyteller_messages", "parse_storyteller_row",
            "load_storyteller", "write_storyteller_dataset"]
@@ -237,22 +237,12 @@ def write_storyteller_dataset(out_dir: str | Path, n: int, seed: int, fmt: str =
     """Write ``train.<fmt>`` and ``test.<fmt>`` (the last ``test_fraction`` of ``n`` rows), each
     written atomically. ``synthetic_share`` of the rows are synthetic (default 1/3: the card's
     2:1 real-to-synthetic ratio). Deterministic: the same arguments give byte-identical files."""
-    if fmt not in ("parquet", "jsonl"):
-        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_rows_args(n, fmt)
     if not (isinstance(synthetic_share, (int, float)) and 0 <= synthetic_share <= 1):
         raise ValueError(f"synthetic_share must be in [0, 1], got {synthetic_share!r}")
     share = Fraction(synthetic_share).limit_denominator(1000)  # 1/3 stays exactly 1/3
     rows = [_synth_row(seed, i, synthetic) for i, synthetic in enumerate(_synthetic_rows(n, share))]
-    n_test = int(n * test_fraction)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, part in (("train", rows[:n - n_test]), ("test", rows[n - n_test:])):
-        paths[split] = out / f"{split}.{fmt}"
-        write_rows(paths[split], part, fmt, _storyteller_schema() if fmt == "parquet" else None)
-    return paths
+    return write_train_test(out_dir, rows, test_fraction, fmt, _storyteller_schema)
 
 
 def _storyteller_schema():

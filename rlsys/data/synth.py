@@ -163,6 +163,28 @@ def write_rows(path: Path, rows: list[dict[str, Any]], fmt: str, schema: Any = N
     write_file(path, sink.getvalue().to_pybytes())
 
 
+def check_rows_args(n: int, fmt: str) -> None:
+    """The arguments every row-dataset generator takes: a row count and a file format."""
+    if fmt not in ("parquet", "jsonl"):
+        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+
+
+def write_train_test(out_dir: str | Path, rows: list[dict[str, Any]], test_fraction: float, fmt: str,
+                     schema: Callable[[], Any]) -> dict[str, Path]:
+    """Write the last `test_fraction` of `rows` to ``test.<fmt>`` and the rest to ``train.<fmt>``
+    (`write_rows`, atomic; `schema()` is the parquet schema, built only for parquet)."""
+    n_test = int(len(rows) * test_fraction)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, part in (("train", rows[:len(rows) - n_test]), ("test", rows[len(rows) - n_test:])):
+        paths[split] = out / f"{split}.{fmt}"
+        write_rows(paths[split], part, fmt, schema() if fmt == "parquet" else None)
+    return paths
+
+
 def chat_message_type() -> Any:
     """pyarrow type of one chat message {role, content}."""
     import pyarrow as pa
