@@ -56,13 +56,12 @@ DEMOS = {
 
 def _standin_judge_config(base_url: str, where: Path) -> Path:
     """configs/judge_local.yaml pointed at the stand-in (no key, no price)."""
+    from rlsys.atomic import write_file
     from rlsys.judge import load_judge_config
 
     cfg = load_judge_config("configs/judge_local.yaml").model_dump(mode="json")
     cfg.update(name="standin", base_url=base_url, model="rule-based-standin", api_key_env=None, timeout_s=60)
-    path = where / "judge_standin.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_file(where / "judge_standin.yaml", yaml.safe_dump(cfg))  # atomic: a run's config refers to it
 
 
 def demo_main(argv: list[str]) -> int:
