@@ -67,7 +67,7 @@ class DeepSpeedLearner:
         pad = model.config.pad_token_id
         self.pad_id = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
         self.temperature = float(temperature)
-        policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature)
+        policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature, learner_cfg.shared_prompt)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
@@ -95,14 +95,15 @@ class DeepSpeedLearner:
     def _forward(self, fn: nn.Module, m: MicroBatch, num_chunks: int, with_entropy: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         d = self.device
-        return fn(m.input_ids.to(d), m.attention_mask.to(d), m.target_mask.to(d), num_chunks, with_entropy)
+        return fn(m.input_ids.to(d), m.attention_mask.to(d), m.target_mask.to(d), num_chunks, with_entropy,
+                  shared=None if m.shared is None else m.shared.to(d))
 
     def _agree(self, mbs: list[MicroBatch]) -> tuple[list[MicroBatch], list[int], float, float]:
         """Pad every rank to the same micro-batch count and head-chunk counts (ZeRO-3 needs
         identical collectives everywhere) and sum the step's loss tokens and sequences."""
         n = torch.tensor([len(mbs)], dtype=torch.int64)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        mbs = mbs + [filler_micro_batch(self.pad_id) for _ in range(max(int(n), 1) - len(mbs))]
+        mbs = mbs + [filler_micro_batch(self.pad_id, self.lc.shared_prompt) for _ in range(max(int(n), 1) - len(mbs))]
         chunks = torch.tensor([m.needed_chunks(self.lc.logprob_chunk_tokens) for m in mbs], dtype=torch.int64)
         dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
         totals = torch.tensor([sum(m.n_tokens for m in mbs), sum(m.n_real for m in mbs)], dtype=torch.float64)
@@ -150,13 +151,16 @@ class DeepSpeedLearner:
         plans = []  # per mini-batch: (micro-batches, head chunks, denominator)
         g_tokens = g_seqs = 0.0
         for part in parts:
-            mbs, chunks, tokens, seqs = self._agree(build_micro_batches(part, self.lc.micro_batch_size, self.pad_id))
+            mbs, chunks, tokens, seqs = self._agree(build_micro_batches(part, self.lc.micro_batch_size, self.pad_id,
+                                                                     shared_prompt=self.lc.shared_prompt))
             for key, mine in (("global_tokens", tokens), ("global_sequences", seqs)):
                 if key in part and int(part[key]) != int(mine) and self.rank == 0:
                     log.warning("%s=%s in the batch but the ranks hold %d; using %d", key, part[key], mine, mine)
             plans.append((mbs, chunks, tokens if self.ac.loss_agg == "token_mean" else seqs))
             g_tokens, g_seqs = g_tokens + tokens, g_seqs + seqs
         stats = StepStats()
+        for mbs, _, _ in plans:
+            stats.add_layout(mbs)
         n_micro = sum(len(p[0]) for p in plans)
         if all(d == 0 for *_, d in plans):  # nothing to learn from; identical decision on every rank
             return stats.reduce(g_tokens, g_seqs, n_micro, time.perf_counter() - t0)
@@ -214,7 +218,8 @@ class DeepSpeedLearner:
         for part in parts:
             if len(part["input_ids"]) % 2:
                 raise ValueError(f"rank {self.rank}: a preference batch needs (chosen, rejected) rows in pairs")
-            mbs, chunks, _, _ = self._agree(build_micro_batches(part, size, self.pad_id, keep_order=True))
+            mbs, chunks, _, _ = self._agree(build_micro_batches(part, size, self.pad_id, keep_order=True,
+                                                                shared_prompt=self.lc.shared_prompt))
             pairs = torch.tensor([len(part["input_ids"]) // 2], dtype=torch.float64)
             dist.all_reduce(pairs)
             plans.append((mbs, chunks, float(pairs)))

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from learners.logprobs import chunked_logprobs
+from learners.shared_prompt import SharedPrompt, enable_replay_safe_cache, shared_prompt_logprobs
 from rlsys.config import LearnerConfig
 
 
@@ -20,14 +21,21 @@ class LogprobModule(nn.Module):
     the engine rather than by calling the HF submodules from outside.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, chunk_tokens: int, temperature: float = 1.0, shared_prompt: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.temperature = temperature  # the sampler's: log-probs are of softmax(logits / T)
+        if shared_prompt:
+            enable_replay_safe_cache(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
-                num_chunks: int, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                num_chunks: int, with_entropy: bool = False, shared: SharedPrompt | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs [b, T-1] (and entropy); with `shared`, by the shared-prompt forward."""
+        if shared is not None:
+            return shared_prompt_logprobs(self.model, shared, target_mask, self.chunk_tokens, num_chunks=num_chunks,
+                                          with_entropy=with_entropy, temperature=self.temperature)
         lp, ent = chunked_logprobs(self.model, input_ids, attention_mask, self.chunk_tokens,
                                    target_mask=target_mask, num_chunks=num_chunks, with_entropy=with_entropy,
                                    temperature=self.temperature)
@@ -89,7 +97,7 @@ def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device
     ref = load_hf(model_dir, dtype, lc, train=False)
     ref.requires_grad_(False)
     # Same temperature as the policy: the KL compares the two distributions the sampler uses.
-    module = LogprobModule(ref, lc.logprob_chunk_tokens, temperature).eval()
+    module = LogprobModule(ref, lc.logprob_chunk_tokens, temperature, lc.shared_prompt).eval()
     if lc.zero_stage != 3:
         return module.to(device)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config(lc, dtype, train=False))

@@ -70,45 +70,51 @@ def chunked_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"temperature must be > 0 (got {temperature}): log-probs of greedy decoding are undefined")
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
     if target_mask is None:
         target_mask = attention_mask[:, 1:].bool()
     rows, cols = target_mask.nonzero(as_tuple=True)
     flat_h = rows * t + cols          # hidden state that predicts ...
     flat_y = flat_h + 1               # ... this token, both indices into the [B*T] flattening
-    n = flat_h.numel()
+    logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), hidden.reshape(b * t, -1), flat_h,
+                                      input_ids.reshape(-1).index_select(0, flat_y), chunk_tokens,
+                                      num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
+    # index_copy is differentiable w.r.t. the copied values; positions are re-based to [B, T-1].
+    dest = rows * (t - 1) + cols
+    logp = logp_sel.new_zeros(b * (t - 1)).index_copy(0, dest, logp_sel).view(b, t - 1)
+    entropy = None
+    if with_entropy:
+        entropy = ent_sel.new_zeros(b * (t - 1)).index_copy(0, dest, ent_sel).view(b, t - 1)
+    return logp, entropy
+
+
+def head_logprobs(head: nn.Module, hidden_flat: torch.Tensor, source: torch.Tensor, targets: torch.Tensor,
+                  chunk_tokens: int, *, num_chunks: int | None = None, with_entropy: bool = False,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p_T(targets[i] | hidden_flat[source[i]]) for every i ([n]; entropy [n] or None), with
+    `lm_head` applied to at most `chunk_tokens` rows at a time (exactly `num_chunks` calls when
+    given: ZeRO-3 ranks must agree on it)."""
+    n = source.numel()
     k = num_chunks_for(n, chunk_tokens)
     if num_chunks is not None:
         if num_chunks < k:
             raise ValueError(f"num_chunks={num_chunks} < {k} needed for {n} positions")
         k = num_chunks
-    # Every chunk gets at least one row (position 0 repeated, results dropped), so each of the
+    # Every chunk gets at least one row (row 0 repeated, results dropped), so each of the
     # k head calls does real work and an identical autograd graph shape on every rank.
     pad = max(0, k - n)
-    idx_h = torch.cat([flat_h, flat_h.new_zeros(pad)])
-    idx_y = torch.cat([flat_y, flat_y.new_ones(pad)])
-    hidden_flat = hidden.reshape(b * t, -1)
-    ids_flat = input_ids.reshape(-1)
-    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    idx = torch.cat([source, source.new_zeros(pad)])
+    ys = torch.cat([targets, targets.new_zeros(pad)])
+    use_ckpt = torch.is_grad_enabled() and hidden_flat.requires_grad
     lps, ents = [], []
-    for ih, iy in zip(idx_h.tensor_split(k), idx_y.tensor_split(k)):
-        h, y = hidden_flat.index_select(0, ih), ids_flat.index_select(0, iy)
+    for ih, y in zip(idx.tensor_split(k), ys.tensor_split(k)):
+        h = hidden_flat.index_select(0, ih)
         if use_ckpt:
             lp, ent = checkpoint(_head_logprobs, head, h, y, with_entropy, temperature, use_reentrant=False)
         else:
             lp, ent = _head_logprobs(head, h, y, with_entropy, temperature)
         lps.append(lp)
         ents.append(ent)
-    logp_sel = torch.cat(lps)[:n]
-    out = logp_sel.new_zeros(b * (t - 1))
-    # index_copy is differentiable w.r.t. the copied values; positions are re-based to [B, T-1].
-    dest = rows * (t - 1) + cols
-    logp = out.index_copy(0, dest, logp_sel).view(b, t - 1)
-    entropy = None
-    if with_entropy:
-        ent_sel = torch.cat(ents)[:n]
-        entropy = ent_sel.new_zeros(b * (t - 1)).index_copy(0, dest, ent_sel).view(b, t - 1)
-    return logp, entropy
+    return torch.cat(lps)[:n], (torch.cat(ents)[:n] if with_entropy else None)
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from learners.shared_prompt import SharedPrompt
+
 
 def backward_scale(world_size: int) -> float:
     """Factor on each micro-batch loss before engine.backward (see the module docstring)."""
@@ -36,10 +38,21 @@ class MicroBatch:
     behaviour: torch.Tensor | None       # [b, T-1] float32 sampler log-probs (0 where absent)
     behaviour_mask: torch.Tensor | None  # [b, T-1] bool (False on rows without sampler log-probs)
     n_real: int                    # real sequences (0 for a filler micro-batch)
+    shared: SharedPrompt | None = None   # set: the shared-prompt forward (learners.shared_prompt)
 
     @property
     def n_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def token_slots(self) -> int:
+        """Token positions the decoder computes, padding included."""
+        return self.shared.padded_tokens if self.shared is not None else self.input_ids.numel()
+
+    @property
+    def encoded_tokens(self) -> int:
+        """Real tokens the decoder computes (a shared prompt counts once)."""
+        return self.shared.real_tokens if self.shared is not None else int(self.attention_mask.sum())
 
     def needed_chunks(self, chunk_tokens: int) -> int:
         return max(1, -(-int(self.target_mask.sum()) // chunk_tokens))
@@ -60,19 +73,79 @@ def _to_targets(values: Sequence[float], prompt_len: int, n_ids: int, what: str)
                      f"({n_resp} response tokens); give one per response token or per token")
 
 
-def filler_micro_batch(pad_id: int) -> MicroBatch:
+def filler_micro_batch(pad_id: int, shared_prompt: bool = False) -> MicroBatch:
     """Two padding tokens with an empty loss mask: keeps a rank with fewer sequences in step
-    with the others (ZeRO-3 forward/backward are collectives) while adding zero gradient."""
+    with the others (ZeRO-3 forward/backward are collectives) while adding zero gradient. With
+    `shared_prompt` it runs the same two decoder passes as every other micro-batch."""
     ids = torch.full((1, 2), pad_id, dtype=torch.long)
     zeros = torch.zeros(1, 1)
-    return MicroBatch(ids, torch.ones_like(ids), zeros, zeros.bool(), torch.zeros(1), None, None, 0)
+    one = torch.ones(1, dtype=torch.long)
+    shared = SharedPrompt(ids[:, :1], torch.ones_like(ids[:, :1]), one - 1, one, ids[:, 1:],
+                          torch.ones_like(ids[:, 1:])) if shared_prompt else None
+    return MicroBatch(ids, torch.ones_like(ids), zeros, zeros.bool(), torch.zeros(1), None, None, 0, shared)
+
+
+def _by_length(ids: list[list[int]], size: int, keep_order: bool) -> list[list[int]]:
+    """Micro-batches of `size` rows: longest first (similar lengths waste less padding) or in order."""
+    order = list(range(len(ids))) if keep_order else sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _by_prompt(ids: list[list[int]], plens: list[int], size: int, keep_order: bool) -> list[list[int]]:
+    """Micro-batches of at most `size` rows that keep the rows sharing a prompt together: a group
+    is cut into slices of `size` rows only when it is larger; slices are packed first-fit,
+    longest first (or in order with `keep_order`, slices kept whole and in sequence)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, p) in enumerate(zip(ids, plens)):
+        groups.setdefault(tuple(seq[:p]), []).append(i)
+    slices = [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+    if keep_order:
+        out: list[list[int]] = []
+        for sl in slices:
+            if out and len(out[-1]) + len(sl) <= size:
+                out[-1] += sl
+            else:
+                out.append(list(sl))
+        return out
+    slices.sort(key=lambda sl: -max(len(ids[i]) for i in sl))
+    bins: list[list[int]] = []
+    for sl in slices:
+        fit = next((b for b in bins if len(b) + len(sl) <= size), None)
+        if fit is None:
+            bins.append(list(sl))
+        else:
+            fit += sl
+    return bins
+
+
+def _shared_prompt(ids: list[list[int]], plens: list[int], rows: list[int], pad_id: int) -> SharedPrompt:
+    """The micro-batch's distinct prompts (once each) and its responses, right-padded."""
+    prompts: dict[tuple[int, ...], int] = {}
+    group_index = [prompts.setdefault(tuple(ids[i][:plens[i]]), len(prompts)) for i in rows]
+    p_max = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), p_max), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), p_max), dtype=torch.long)
+    for k, prompt in enumerate(prompts):
+        prompt_ids[k, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        prompt_mask[k, :len(prompt)] = 1
+    r_max = max(len(ids[i]) - plens[i] for i in rows)
+    resp_ids = torch.full((len(rows), r_max), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((len(rows), r_max), dtype=torch.long)
+    for j, i in enumerate(rows):
+        resp = ids[i][plens[i]:]
+        resp_ids[j, :len(resp)] = torch.tensor(resp, dtype=torch.long)
+        resp_mask[j, :len(resp)] = 1
+    return SharedPrompt(prompt_ids, prompt_mask, torch.tensor(group_index, dtype=torch.long),
+                        torch.tensor([plens[i] for i in rows], dtype=torch.long), resp_ids, resp_mask)
 
 
 def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: int,
-                        keep_order: bool = False) -> list[MicroBatch]:
+                        keep_order: bool = False, shared_prompt: bool = False) -> list[MicroBatch]:
     """Validate one rank's batch and pad it into micro-batches of at most `micro_batch_size`
     sequences, longest first (similar lengths together waste less padding), or in the given
-    order with `keep_order` (preference pairs: chosen, rejected, chosen, ...)."""
+    order with `keep_order` (preference pairs: chosen, rejected, chosen, ...). With
+    `shared_prompt` the rows that share a prompt stay together and each micro-batch carries its
+    prompts once (`MicroBatch.shared`); a loss mask may then cover response tokens only."""
     ids: list[list[int]] = batch["input_ids"]
     plens: list[int] = batch["prompt_lens"]
     advs: list[float] = batch["advantages"]
@@ -84,10 +157,10 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
     for i, (seq, p) in enumerate(zip(ids, plens)):
         if not 1 <= p < len(seq):
             raise ValueError(f"sequence {i}: prompt_len {p} must be >= 1 and below its length {len(seq)}")
-    order = list(range(len(ids))) if keep_order else sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    row_lists = _by_prompt(ids, plens, micro_batch_size, keep_order) if shared_prompt \
+        else _by_length(ids, micro_batch_size, keep_order)
     out = []
-    for start in range(0, len(order), micro_batch_size):
-        rows = order[start:start + micro_batch_size]
+    for rows in row_lists:
         t = max(len(ids[i]) for i in rows)
         input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), t), dtype=torch.long)
@@ -102,6 +175,9 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
             resp_mask[j, p - 1:n - 1] = True
             if masks is not None and masks[i] is not None:
                 loss_mask[j, :n - 1] = torch.tensor(_to_targets(masks[i], p, n, f"loss_mask[{i}]"))
+                if shared_prompt and bool(loss_mask[j, :p - 1].any()):
+                    raise ValueError(f"loss_mask[{i}] covers prompt tokens, which the shared-prompt forward "
+                                     "does not score; set learner.shared_prompt: false")
             else:
                 loss_mask[j, p - 1:n - 1] = 1.0
             if beh is not None and behaviour[i] is not None:
@@ -110,5 +186,6 @@ def build_micro_batches(batch: dict[str, Any], micro_batch_size: int, pad_id: in
         out.append(MicroBatch(
             input_ids, attn, loss_mask, resp_mask | (loss_mask > 0),
             torch.tensor([float(advs[i]) for i in rows]),
-            beh, resp_mask & has_beh if beh is not None else None, len(rows)))
+            beh, resp_mask & has_beh if beh is not None else None, len(rows),
+            _shared_prompt(ids, plens, rows, pad_id) if shared_prompt else None))
     return out

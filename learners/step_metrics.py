@@ -13,7 +13,8 @@ from learners.microbatches import MicroBatch
 # Summed over ranks. loss/pg/kl arrive already divided by the global denominator (their sum
 # over micro-batches and ranks is the step's loss); the *_w entries are token-weighted sums.
 _SUM_KEYS = ("loss", "pg_loss", "kl", "clip_w", "ratio_w", "update_tokens", "entropy_w", "entropy_tokens",
-             "mismatch_sum", "mismatch_n", "grad_norm", "optimizer_steps")
+             "mismatch_sum", "mismatch_n", "grad_norm", "optimizer_steps", "token_slots", "encoded_tokens",
+             "sequence_tokens")
 # Max over ranks.
 _MAX_KEYS = ("mismatch_max", "micro_batches", "seconds", "peak_rss_gib")
 
@@ -41,6 +42,15 @@ class StepStats:
             self.sums["mismatch_n"] += diff.numel()
             if diff.numel():
                 self.maxes["mismatch_max"] = max(self.maxes["mismatch_max"], float(diff.max()))
+
+    def add_layout(self, mbs: list[MicroBatch]) -> None:
+        """What one pass over these micro-batches computes: token slots (padding included), real
+        tokens encoded, and the tokens of the sequences themselves (what a per-sample forward
+        would encode)."""
+        for m in mbs:
+            self.sums["token_slots"] += m.token_slots
+            self.sums["encoded_tokens"] += m.encoded_tokens
+            self.sums["sequence_tokens"] += int(m.attention_mask.sum()) if m.n_real else 0
 
     def add_micro_batch(self, met: dict[str, float], n_tokens: int) -> None:
         for k in ("loss", "pg_loss", "kl"):
@@ -78,6 +88,10 @@ class StepStats:
             "learner/response_tokens": g_tokens, "learner/sequences": g_seqs,
             "learner/micro_batches_per_rank": M["micro_batches"], "time/learner_step": M["seconds"],
             "mem/learner_peak_rss_gib": M["peak_rss_gib"],
+            # Share of computed positions that are padding; encoded / per-sample tokens (< 1 when
+            # the shared-prompt forward encodes a group's prompt once).
+            "learner/padding_share": 1.0 - S["encoded_tokens"] / max(S["token_slots"], 1.0),
+            "learner/encoded_share": S["encoded_tokens"] / max(S["sequence_tokens"], 1.0),
         }
         if self.has_kl:
             out["loss/kl"] = S["kl"] / steps

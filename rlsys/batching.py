@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from typing import Any
 
 import torch
 
@@ -154,17 +155,29 @@ def reward_metrics(groups: list[list[dict]], channels: list[str]) -> dict[str, f
     return out
 
 
-def split_for_ranks(samples: list[dict], world_size: int) -> list[dict]:
+def split_for_ranks(samples: list[dict], world_size: int, keep_groups: bool = False) -> list[dict]:
     """Learner batches, one per rank, balanced by token count (longest first, to the lightest
-    rank among those with the fewest sequences), carrying the global totals the loss needs."""
-    order = sorted(range(len(samples)), key=lambda i: -(len(samples[i]["prompt_token_ids"]) + len(samples[i]["token_ids"])))
+    rank among those with the fewest sequences), carrying the global totals the loss needs.
+
+    `keep_groups` (the learner's shared-prompt forward): a group's samples (same `group`, else
+    same prompt tokens) go to one rank, so its prompt is encoded once, whenever there are at
+    least as many groups as ranks (with fewer, rows are spread one by one so no rank idles)."""
+    def tokens(i: int) -> int:
+        return len(samples[i]["prompt_token_ids"]) + len(samples[i]["token_ids"])
+
+    by_group: dict[Any, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_group.setdefault(s.get("group", tuple(s["prompt_token_ids"])), []).append(i)
+    units = list(by_group.values()) if keep_groups and len(by_group) >= world_size \
+        else [[i] for i in range(len(samples))]
+    units.sort(key=lambda u: -sum(tokens(i) for i in u))
     buckets: list[list[int]] = [[] for _ in range(world_size)]
-    tokens = [0] * world_size
-    for i in order:
+    load = [0] * world_size
+    for u in units:
         fewest = min(len(b) for b in buckets)
-        r = min((r for r in range(world_size) if len(buckets[r]) == fewest), key=lambda r: tokens[r])
-        buckets[r].append(i)
-        tokens[r] += len(samples[i]["prompt_token_ids"]) + len(samples[i]["token_ids"])
+        r = min((r for r in range(world_size) if len(buckets[r]) == fewest), key=lambda r: load[r])
+        buckets[r].extend(u)
+        load[r] += sum(tokens(i) for i in u)
     global_tokens = sum(len(s["token_ids"]) for s in samples)
     batches = []
     for b in buckets:

@@ -348,6 +348,11 @@ class LearnerConfig(Strict):
     full-vocabulary logits of a whole micro-batch at once."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (less memory, more compute)."""
+    shared_prompt: bool = True
+    """Shared-prompt group forward: the samples of a group (which share one prompt) are kept in
+    one micro-batch where they fit, the prompt is encoded once and every response attends to
+    that encoding (in the reference, old-log-prob and training passes); the prompt's gradient is
+    the sum over its responses, exactly as per sample. Off: every sequence is encoded whole."""
     num_cpus: float = Field(default=1.0, gt=0.0)
     """Logical Ray CPUs each learner rank reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)

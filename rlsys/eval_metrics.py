@@ -2,16 +2,15 @@
 
 Input: one list per prompt of its k scored samples, each a dict with the sample's `text`, its
 `reward_<channel>` values (NaN when masked) and `valid`, plus the prompt's example fields under
-`example`. Each function returns {metric: float}; a recipe's metrics appear when its channels
-were computed.
+`example` (`timing_metrics` alone takes the episode simulator's outcomes instead). Each function
+returns {metric: float}; a recipe's metrics appear when its channels were computed.
 
 Recipe A (EpisodeBench): Acc@1 (the first sample), avg@k (mean accuracy), Pass@k (any sample
-right), JSON@k (share of samples whose answer parses as a JSON object), and transition timing:
-for each turn whose current episode is known (the previous turn's reference in the same story:
-*ours*, the rows do not carry it; a story's first turn is left out), a sample is *on time* when
-its next_episode equals the reference, *too fast* when it leaves an episode the reference stays
-in, *too slow* when it stays where the reference moves on, a *failure* otherwise (no valid
-answer, or a move to a wrong episode).
+right), JSON@k (share of samples whose answer parses as a JSON object), and transition timing
+(`timing_metrics`) over multi-turn episode rollouts (`rlsys.eval_episodes`, where the model's
+own answers feed the next prompt; single prompts from the data cannot time a transition): with
+budget T, the first round r at which the model leaves the episode, bucketed by r/T as the card
+does (`timing_bucket`, the one definition of the thresholds).
 Recipe B (POLARIS): judge score (SQ) and length adherence = story words / requested words, per
 requested-length bucket (the card's 1-4k, 4-8k, 8-12k words, plus <1k for short requests), and
 the slope of the mean score over the buckets' centres (score per 1k requested words).
@@ -21,11 +20,14 @@ real and on synthetic sequences (its share of linked entities, unsigned), ground
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rewards.episodebench import parse_response
 from rewards.judge_rubric import prompt_text
 from rewards.polaris import target_word_count, word_count
+
+if TYPE_CHECKING:
+    from rlsys.eval_episodes import EpisodeOutcome
 
 LENGTH_BUCKETS = ((0, 1000, "<1k"), (1000, 4000, "1-4k"), (4000, 8000, "4-8k"), (8000, 12000, "8-12k"))
 
@@ -43,42 +45,59 @@ def channel_means(groups: list[list[dict]], channels: list[str]) -> dict[str, fl
     return out
 
 
-def _timing(sample: dict, current: str, reference: str) -> str:
-    predicted = parse_response(sample["text"])
-    if not predicted.schema_valid or predicted.next_episode is None:
+TIMING_BUCKETS = ("too_fast", "on_time", "too_slow", "failure")
+# Bookkeeping counts among the timing metrics (not shares: left out of the bar chart).
+TIMING_COUNTS = ("A/timing_episodes", "A/timing_skipped_episodes", "A/timing_answers", "A/timing_parse_failures")
+
+
+def timing_bucket(advanced_round: int | None, budget: int) -> str:
+    """The card's bucket for a first advance at round r under budget T, by r/T: < 80 % too fast,
+    80-100 % on time, 100-150 % too slow, > 150 % or never (None) failure. The card's ranges
+    share their edges; *ours*: exactly 80 % and exactly 100 % are on time (round T is the
+    budget's last round, where the data's reference moves on) and exactly 150 % is too slow.
+    Compared in integers (5r < 4T, r <= T, 2r <= 3T), so no edge depends on float rounding."""
+    if advanced_round is None:
         return "failure"
-    got = predicted.next_episode
-    if got == reference:
+    if 5 * advanced_round < 4 * budget:
+        return "too_fast"
+    if advanced_round <= budget:
         return "on_time"
-    if reference == current:
-        return "too_fast"          # left an episode the reference stays in
-    if got == current:
-        return "too_slow"          # stayed where the reference moves on
-    return "failure"               # moved, but to a wrong episode
+    if 2 * advanced_round <= 3 * budget:
+        return "too_slow"
+    return "failure"
+
+
+def timing_metrics(outcomes: Sequence[EpisodeOutcome]) -> dict[str, float]:
+    """Recipe A's transition timing from simulated episodes (`rlsys.eval_episodes`).
+
+    `A/timing_<bucket>`: share of timed episodes per bucket (they sum to 1; a move to an episode
+    that is not a trigger target of the current one is a failure whatever its round);
+    `A/timing_wrong_target`: the share of those wrong moves (part of the failure share);
+    `A/timing_first_advance_over_T`: mean r/T over the episodes that advanced at all;
+    counts: `A/timing_episodes` (timed), `A/timing_skipped_episodes` (a prompt the engine could
+    not take), `A/timing_answers` (answers generated), `A/timing_parse_failures` (answers with
+    no schema-valid next_episode, each read as "did not advance")."""
+    timed = [o for o in outcomes if not o.skipped]
+    n = len(timed)
+    buckets = {b: 0 for b in TIMING_BUCKETS}
+    for o in timed:
+        buckets["failure" if o.wrong_target else timing_bucket(o.advanced_round, o.budget)] += 1
+    out = {f"A/timing_{b}": c / n if n else math.nan for b, c in buckets.items()}
+    out["A/timing_wrong_target"] = sum(o.wrong_target for o in timed) / n if n else math.nan
+    out["A/timing_first_advance_over_T"] = _mean([o.advanced_round / o.budget for o in timed
+                                                  if o.advanced_round is not None])
+    out.update({"A/timing_episodes": float(n), "A/timing_skipped_episodes": float(len(outcomes) - n),
+                "A/timing_answers": float(sum(o.answers for o in outcomes)),
+                "A/timing_parse_failures": float(sum(o.parse_failures for o in outcomes))})
+    return out
 
 
 def recipe_a_metrics(groups: list[list[dict]]) -> dict[str, float]:
     k = min((len(g) for g in groups), default=0)
     acc = [[float(s["reward_acc"]) for s in g] for g in groups]
-    out = {"A/acc@1": _mean([a[0] for a in acc if a]), f"A/avg@{k}": _mean([x for a in acc for x in a]),
-           f"A/pass@{k}": _mean([float(any(x == 1.0 for x in a)) for a in acc]),
-           f"A/json@{k}": _mean([float(parse_response(s["text"]).parse_ok) for g in groups for s in g])}
-    previous: dict[tuple, Any] = {}  # (story, turn) -> that turn's reference: the next turn's current episode
-    for g in groups:
-        ex = g[0]["example"]
-        previous[(ex.get("story_id"), ex.get("turn_index"))] = ex.get("reference_next_episode")
-    buckets = {"on_time": 0, "too_fast": 0, "too_slow": 0, "failure": 0}
-    for g in groups:
-        ex = g[0]["example"]
-        turn = ex.get("turn_index")
-        current = previous.get((ex.get("story_id"), turn - 1)) if isinstance(turn, int) else None
-        if current is None:
-            continue
-        for s in g:
-            buckets[_timing(s, str(current), str(ex.get("reference_next_episode")))] += 1
-    total = sum(buckets.values())
-    out.update({f"A/timing_{b}": n / total if total else math.nan for b, n in buckets.items()})
-    return out
+    return {"A/acc@1": _mean([a[0] for a in acc if a]), f"A/avg@{k}": _mean([x for a in acc for x in a]),
+            f"A/pass@{k}": _mean([float(any(x == 1.0 for x in a)) for a in acc]),
+            f"A/json@{k}": _mean([float(parse_response(s["text"]).parse_ok) for g in groups for s in g])}
 
 
 def _requested(ex: dict[str, Any]) -> int | None:

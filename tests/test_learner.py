@@ -196,6 +196,10 @@ def _e2e_batches() -> tuple[list[tuple[list[int], int]], list[float], list[dict]
     g = torch.Generator().manual_seed(1)
     lens = [(20, 8), (13, 5), (30, 10), (9, 4), (25, 20)]
     seqs = [(torch.randint(3, 500, (n,), generator=g).tolist(), p) for n, p in lens]
+    # Two groups share a prompt (one per rank): the shared-prompt forward (on by default)
+    # encodes it once, under ZeRO-3, next to single-sample groups and a filler micro-batch.
+    seqs[1] = (seqs[0][0][:8] + seqs[1][0][5:], 8)
+    seqs[4] = (seqs[3][0][:4] + seqs[4][0][20:], 4)
     advs = [1.0, -0.5, 0.3, -1.2, 0.4]
     n_tok = sum(len(s) - p for s, p in seqs)
     batches = _rank_batches(seqs, advs, [3, 2])  # unequal split: rank 1 runs a filler micro-batch

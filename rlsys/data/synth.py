@@ -25,7 +25,8 @@ from rlsys.data.synth_graph import END, Story, make_story
 from rlsys.data.synth_text import TEXT
 from rlsys.data.synth_vocab import EN_GENRES, ZH_GENRES
 
-__all__ = ["generate", "story_rows", "write_dataset", "synth_main"]
+__all__ = ["generate", "story_rows", "play_turn", "turn_prompt", "exchange", "fenced", "write_dataset",
+           "synth_main"]
 
 MIN_ROUNDS, MAX_ROUNDS = 3, 5      # per-episode budget (the paper's T = 10, shortened for CPU)
 KIND_WEIGHTS = (("normal", 0.7), ("abnormal", 0.2), ("hacking", 0.1))
@@ -62,8 +63,54 @@ def _answer(narrative: str, ally: str, line: str, next_episode: str) -> dict[str
             "next_episode": next_episode}
 
 
-def _fenced(answer: dict[str, Any]) -> str:
+def fenced(answer: dict[str, Any]) -> str:
+    """An answer as the reference writes it: its JSON in a ```json block."""
     return "```json\n" + json.dumps(answer, ensure_ascii=False) + "\n```"
+
+
+def play_turn(story: Story, eid: str, reference: str, rng: random.Random) -> tuple[str, dict[str, Any]]:
+    """The user's input for one round of episode ``eid`` and the reference answer to it.
+
+    ``reference == eid``: the user acts without meeting a trigger (a normal, abnormal or
+    "hacking" action, drawn with ``KIND_WEIGHTS``) and the answer stays; otherwise the user's
+    action satisfies the trigger to ``reference`` and the answer moves there. Shared by the
+    data (``story_rows``) and rlsys eval's episode simulator (``rlsys.eval_episodes``), so the
+    simulated user acts exactly as the training data's user does.
+    """
+    t = TEXT[story.language]
+    slots = story.slots[eid]
+    if reference != eid:
+        kind = "normal"
+        action, narrative = story.trigger_actions[(eid, reference)]
+        narrative += str(t["space"]) + str(t["after_final"])
+    else:
+        kind = _pick_kind(rng)
+        action, narrative = (s.format(**slots) for s in rng.choice(t[f"{kind}_actions"]))
+        narrative += str(t["space"]) + rng.choice(t["atmosphere"]).format(**slots)
+    line = rng.choice(t["lines"]).format(**slots)
+    return str({"type": kind, "action": action}), _answer(narrative, slots["ally"], line, reference)
+
+
+def turn_prompt(story: Story, eid: str, rnd: int, budget: int, history: list[str],
+                previous: list[dict[str, str]], user_input: str, rng: random.Random) -> list[dict[str, str]]:
+    """The chat prompt of round ``rnd`` of ``budget`` in episode ``eid``: the system prompt
+    (outline, triggers, round counter, "Story so far" from ``history``, a drawn example answer),
+    then ``previous`` (the last exchange, see ``exchange``), then the user's input."""
+    t = TEXT[story.language]
+    slots = story.slots[eid]
+    example = _answer(rng.choice(t["atmosphere"]).format(**slots), slots["ally"],
+                      rng.choice(t["lines"]).format(**slots), eid)
+    system = _system_prompt(story, story.episodes[eid], rnd, budget, history, example)
+    return [{"role": "system", "content": system}, *previous, {"role": "user", "content": user_input}]
+
+
+def exchange(user_input: str, answer_text: str) -> list[dict[str, str]]:
+    """One round as the chat history of the next round's prompt.
+
+    Only the last exchange is carried: it shows the answer format once more while keeping
+    prompts short; older events live in "Story so far".
+    """
+    return [{"role": "user", "content": user_input}, {"role": "assistant", "content": answer_text}]
 
 
 def story_rows(story: Story, rng: random.Random, split: str) -> list[dict[str, Any]]:
@@ -80,25 +127,11 @@ def story_rows(story: Story, rng: random.Random, split: str) -> list[dict[str, A
     history: list[str] = []
     previous: list[dict[str, str]] = []
     for turn, (eid, rnd, budget, reference) in enumerate(plan):
-        ep = story.episodes[eid]
-        slots = story.slots[eid]
-        if reference != eid:
-            kind = "normal"
-            action, narrative = story.trigger_actions[(eid, reference)]
-            narrative += str(t["space"]) + str(t["after_final"])
-        else:
-            kind = _pick_kind(rng)
-            action, narrative = (s.format(**slots) for s in rng.choice(t[f"{kind}_actions"]))
-            narrative += str(t["space"]) + rng.choice(t["atmosphere"]).format(**slots)
-        line = rng.choice(t["lines"]).format(**slots)
-        answer = _answer(narrative, slots["ally"], line, reference)
-        example = _answer(rng.choice(t["atmosphere"]).format(**slots), slots["ally"],
-                          rng.choice(t["lines"]).format(**slots), eid)
-        system = _system_prompt(story, ep, rnd, budget, history, example)
-        user_input = str({"type": kind, "action": action})
+        user_input, answer = play_turn(story, eid, reference, rng)
+        prompt = turn_prompt(story, eid, rnd, budget, history, previous, user_input, rng)
+        system = prompt[0]["content"]
         rows.append({
-            "prompt": [{"role": "system", "content": system}, *previous,
-                       {"role": "user", "content": user_input}],
+            "prompt": prompt,
             "system_prompt": system,
             "conversation_history": list(previous),
             "user_input": user_input,
@@ -110,10 +143,7 @@ def story_rows(story: Story, rng: random.Random, split: str) -> list[dict[str, A
             "extra_info": {"index": 0, "split": split, "story_id": story.setting["story_id"],
                            "total_turns": len(plan), "turn_index": turn},
         })
-        # Only the last exchange is carried as chat history: it shows the answer format
-        # once more while keeping prompts short; older events live in "Story so far".
-        previous = [{"role": "user", "content": user_input},
-                    {"role": "assistant", "content": _fenced(answer)}]
+        previous = exchange(user_input, fenced(answer))
         if reference != eid:
             history.append(story.trigger_actions[(eid, reference)][1])
     return rows

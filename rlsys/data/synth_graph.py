@@ -40,8 +40,23 @@ class Story:
         return str(self.setting["language"])
 
     def to_json(self) -> dict[str, Any]:
-        """The graph as written to graphs.json: settings and the episode list."""
-        return {"setting": self.setting, "episodes": list(self.episodes.values())}
+        """The graph as written to graphs.json: settings and the episode list (the published
+        layout), plus (*ours*, extra keys a reader of the published layout ignores) the trigger
+        actions and template slots, so ``from_json`` rebuilds the whole Story: rlsys eval's
+        episode simulator plays the user from them."""
+        return {"setting": self.setting, "episodes": list(self.episodes.values()),
+                "trigger_actions": [{"episode_id": eid, "next_episode": nxt, "action": action, "narration": narration}
+                                    for (eid, nxt), (action, narration) in self.trigger_actions.items()],
+                "slots": self.slots}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Story":
+        """The Story ``to_json`` wrote. KeyError names the first missing key: graphs.json files
+        written before trigger actions and slots were stored lack them."""
+        return cls(setting=data["setting"], episodes={str(ep["episode_id"]): ep for ep in data["episodes"]},
+                   trigger_actions={(str(a["episode_id"]), str(a["next_episode"])): (a["action"], a["narration"])
+                                    for a in data["trigger_actions"]},
+                   slots=data["slots"])
 
 
 def _title(text: str, language: str) -> str:

@@ -1,0 +1,152 @@
+"""Shared-prompt group forward: a group's prompt is encoded once, its G responses attend to it.
+
+The G samples of a GRPO group share one prompt. A per-sample forward re-encodes that prompt G
+times (in the reference pass, the training forward and its backward); with a ~400-token prompt
+and ~64-token answers that is most of the learner's work. Here one micro-batch runs the decoder
+twice inside one module call:
+
+1. **prompt pass**: each distinct prompt once ([n_prompts, P], right-padded). Every attention
+   layer's keys and values (after RoPE) are recorded by `_RecordLayer`.
+2. **response pass**: the responses ([b, R], right-padded) with explicit positions (prompt length
+   + r) and a cache whose layer l holds the recorded prompt keys/values expanded to b rows
+   (`index_select` by each row's prompt). Attention sees [prompt keys | own response keys]
+   under a 2D mask (prompt padding and response padding are 0), so every response token attends
+   to exactly what it would in the per-sample sequence. The expansion is an autograd op: in
+   backward the G rows' gradients sum into the one prompt encoding, which is the per-sample
+   gradient summed over the group.
+
+The log-prob of response token r comes from the hidden state before it: the prompt's last
+hidden state for r = 0, the response's hidden state r-1 otherwise; those rows go through the
+same chunked `lm_head` as the per-sample path (`learners.logprobs.head_logprobs`), and the
+result is written back into the per-sample [b, T-1] layout, so the loss code cannot tell the
+difference.
+
+Gradient checkpointing: transformers' checkpointed layers drop `past_key_values` unless the
+layer is marked as safe to replay (`_can_checkpoint_with_cache`): the recompute in backward calls
+the cache's `update` again. Both caches here are replay-safe: the recording layer keeps its first
+record and returns its inputs; the prefix layer never mutates. `enable_replay_safe_cache` marks
+the model's layers once.
+
+Expects a Hugging Face decoder whose attention calls `past_key_values.update(k, v, layer_idx)`
+and whose mask builder reads the cache's sizes (Llama, Qwen2/3, Mistral in transformers 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from learners.logprobs import head_logprobs
+
+
+@dataclass
+class SharedPrompt:
+    """A micro-batch's prompts and responses, as the shared-prompt forward takes them.
+
+    Row j of the micro-batch is prompt `group_index[j]` followed by response j; the per-sample
+    sequence is input_ids[j] = prompt_ids[g, :prompt_lens[j]] + resp_ids[j, :n_resp]."""
+
+    prompt_ids: torch.Tensor    # [n_prompts, P] long, right-padded
+    prompt_mask: torch.Tensor   # [n_prompts, P] long
+    group_index: torch.Tensor   # [b] long: row -> its prompt
+    prompt_lens: torch.Tensor   # [b] long
+    resp_ids: torch.Tensor      # [b, R] long, right-padded
+    resp_mask: torch.Tensor     # [b, R] long
+
+    def to(self, device: torch.device) -> "SharedPrompt":
+        return SharedPrompt(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.group_index,
+                                                     self.prompt_lens, self.resp_ids, self.resp_mask)))
+
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots the two passes compute (prompt rows once, response rows once)."""
+        return self.prompt_ids.numel() + self.resp_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.prompt_mask.sum()) + int(self.resp_mask.sum())
+
+
+class _RecordLayer(DynamicLayer):
+    """Keeps the keys/values of its first `update` (the prompt pass) and returns its inputs.
+
+    A checkpointed layer's recompute calls `update` again with identical tensors: the record
+    stays as it was, and the replay sees the same shapes as the original forward."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys, self.values = key_states, value_states
+            self.is_initialized = True
+        return key_states, value_states
+
+
+class _PrefixLayer(DynamicLayer):
+    """A read-only prefix: `update` returns [prefix | new] and stores nothing (replay-safe)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def enable_replay_safe_cache(model: nn.Module) -> None:
+    """Let checkpointed decoder layers keep `past_key_values` (see the module docstring): only the
+    caches of this module ever reach them in training (the per-sample path passes none)."""
+    for module in model.modules():
+        if hasattr(type(module), "_can_checkpoint_with_cache"):
+            module._can_checkpoint_with_cache = True
+
+
+def shared_prompt_logprobs(model: nn.Module, sp: SharedPrompt, target_mask: torch.Tensor, chunk_tokens: int, *,
+                           num_chunks: int | None = None, with_entropy: bool = False, temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [b, T-1], entropy or None) in the per-sample layout of
+    `learners.logprobs.chunked_logprobs` (position p-1+r holds response token r's log-prob),
+    computed with one encoding per distinct prompt. `target_mask` [b, T-1] may only select
+    response positions (p-1 .. p-2+n_resp)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    base = model.base_model
+    b, r_max = sp.resp_ids.shape
+    n_p, p_max = sp.prompt_ids.shape
+    t1 = target_mask.shape[1]
+    record = Cache(layer_class_to_replicate=_RecordLayer)
+    prompt_hidden = base(input_ids=sp.prompt_ids, attention_mask=sp.prompt_mask, past_key_values=record,
+                         position_ids=torch.arange(p_max, device=sp.prompt_ids.device).expand(n_p, -1),
+                         use_cache=False).last_hidden_state                      # [n_p, P, H]
+    if len(record.layers) == 0 or not all(layer.is_initialized for layer in record.layers):
+        raise RuntimeError(f"{type(base).__name__} did not pass its keys/values through past_key_values; "
+                           "set learner.shared_prompt: false for this model")
+    prefix = Cache(layers=[_PrefixLayer(layer.keys.index_select(0, sp.group_index),
+                                        layer.values.index_select(0, sp.group_index)) for layer in record.layers])
+    positions = sp.prompt_lens[:, None] + torch.arange(r_max, device=sp.resp_ids.device)
+    mask = torch.cat([sp.prompt_mask.index_select(0, sp.group_index), sp.resp_mask], dim=1)
+    resp_hidden = base(input_ids=sp.resp_ids, attention_mask=mask, past_key_values=prefix,
+                       position_ids=positions, use_cache=False).last_hidden_state  # [b, R, H]
+
+    # Target (row j, per-sample position c) is response token r = c - (p_j - 1).
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    r = cols - (sp.prompt_lens[rows] - 1)
+    if bool(((r < 0) | (r >= r_max)).any()):
+        raise ValueError("shared-prompt forward: a log-prob was asked for a prompt position "
+                         "(a loss mask that covers the prompt); set learner.shared_prompt: false")
+    hidden_dim = resp_hidden.shape[-1]
+    # One flat source of hidden states: the prompts' rows, then the responses' rows.
+    flat = torch.cat([prompt_hidden.reshape(n_p * p_max, hidden_dim), resp_hidden.reshape(b * r_max, hidden_dim)])
+    from_prompt = sp.group_index[rows] * p_max + sp.prompt_lens[rows] - 1
+    from_resp = n_p * p_max + rows * r_max + (r - 1).clamp(min=0)
+    source = torch.where(r == 0, from_prompt, from_resp)
+    targets = sp.resp_ids[rows, r]
+    logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), flat, source, targets, chunk_tokens,
+                                      num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
+    dest = rows * t1 + cols
+    logp = logp_sel.new_zeros(b * t1).index_copy(0, dest, logp_sel).view(b, t1)
+    entropy = None if ent_sel is None else ent_sel.new_zeros(b * t1).index_copy(0, dest, ent_sel).view(b, t1)
+    return logp, entropy
