@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from rewards.judge_rubric import POLARIS_RUBRIC, Rubric
-from rlsys.judge.client import JudgeClient, score_all
+from rlsys.judge.client import JudgeClient
 from rlsys.judge.config import JudgeConfig
 from rlsys.judge.limiter import RayLimiterClient
 from rlsys.judge.metrics import JudgeMetrics
@@ -20,7 +20,7 @@ from rlsys.judge.metrics import JudgeMetrics
 
 @ray.remote(max_restarts=0)
 class JudgeWorker:
-    """Scores batches of (judge-visible prompt, story) pairs concurrently."""
+    """Scores (judge-visible prompt, story) pairs, one call per story, many calls concurrently."""
 
     def __init__(self, cfg: dict[str, Any], limiter_handle: Any, rubric: Rubric = POLARIS_RUBRIC) -> None:
         self.cfg = JudgeConfig.model_validate(cfg)
@@ -32,12 +32,13 @@ class JudgeWorker:
     def ready(self) -> bool:
         return True
 
-    async def score_batch(self, items: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Score a chunk; also return the metrics recorded since the last call (drained)."""
-        outcomes = await score_all(self.client, items)
+    async def score_one(self, prompt: str, story: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Score one story (many run concurrently: an async actor); also return the metrics
+        recorded since the last call (drained), so nothing is lost when the worker is removed."""
+        outcome = await self.client.score(prompt, story)
         delta = self.metrics.drain()
         self.requests_sent += delta["counts"].get("requests", 0)
-        return list(outcomes), delta
+        return outcome, delta
 
     def total_requests(self) -> int:
         """Requests this worker has sent (observability; the driver owns the real metrics)."""

@@ -1,12 +1,19 @@
 """Autoscaling pool of ``JudgeWorker`` actors, driven from the scorer's event loop.
 
-Scaling rule: ``desired = clamp(ceil(backlog / target_backlog_per_worker), min, max)``, where
-backlog = samples queued + in flight. Scale-up is immediate; a worker above ``min_workers`` is
-removed after ``scale_down_idle_s`` without work (idle workers only, so no metrics are lost).
-Workers request ``num_cpus`` and ``resources`` from the config; with the ``judge_node`` resource
-of cluster/judge_workers.yaml, pending workers make the Ray autoscaler add judge nodes.
+Stories go to workers one by one (``JudgeWorker.score_one``), each to the least busy worker with
+a free slot (``target_backlog_per_worker`` per worker), and each result comes back on its own: a
+worker's slow or retrying story holds back nothing but itself (no chunk barrier). Per-story
+calls cost about a millisecond of driver time each, which judge rate limits (tens to hundreds of
+requests per second) leave plenty of room for.
 
-A chunk whose worker dies is resubmitted to another worker (``max_resubmits``), then masked.
+Scaling rule: ``desired = clamp(ceil(backlog / target_backlog_per_worker), min, max)``, where
+backlog = stories waiting for a slot + in flight. Scale-up is immediate; a worker above
+``min_workers`` is removed after ``scale_down_idle_s`` without work (idle workers only, so no
+metrics are lost). Workers request ``num_cpus`` and ``resources`` from the config; with the
+``judge_node`` resource of cluster/judge_workers.yaml, pending workers make the Ray autoscaler
+add judge nodes.
+
+A story whose worker dies is resubmitted to another worker (``max_resubmits``), then masked.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class _Worker:
 
 
 class JudgeActorPool:
-    """Owns the workers and the cluster limiter handle; ``score_many`` runs on one event loop."""
+    """Owns the workers and the cluster limiter handle; ``score_one`` runs on one event loop."""
 
     def __init__(self, cfg: JudgeConfig, rubric: Rubric, metrics: JudgeMetrics, namespace: str = "rlsys") -> None:
         from actors.judge_worker import JudgeWorker  # imports Ray; only needed for this backend
@@ -49,15 +56,16 @@ class JudgeActorPool:
         self.limiter = get_cluster_limiter(cfg, namespace)
         self.workers: list[_Worker] = []
         self.peak_workers = 0
+        self._active = 0  # stories in score_one: waiting for a slot or in flight
+        self._waiters: deque[asyncio.Future] = deque()  # stories waiting for a slot, oldest first
         self._spawn(cfg.workers.min_workers)
         # Surface start-up failures (e.g. the key missing on a worker node) now, not mid-run.
         ray.get([w.handle.ready.remote() for w in self.workers])
 
     @property
     def per_worker(self) -> int:
-        """Chunks one worker may hold at once (= target backlog per worker, in chunks)."""
-        w = self.cfg.workers
-        return max(1, math.ceil(w.target_backlog_per_worker / w.chunk_size))
+        """Stories one worker may hold at once."""
+        return self.cfg.workers.target_backlog_per_worker
 
     def _spawn(self, n: int) -> None:
         w = self.cfg.workers
@@ -68,6 +76,7 @@ class JudgeActorPool:
         self.peak_workers = max(self.peak_workers, len(self.workers))
         if n:
             log.info("judge %s: %d workers", self.cfg.name, len(self.workers))
+            self._wake(n * self.per_worker)
 
     def autoscale(self, backlog: int, now: float) -> None:
         w = self.cfg.workers
@@ -82,66 +91,87 @@ class JudgeActorPool:
                 self.workers.remove(wk)
                 ray.kill(wk.handle)
 
-    async def score_many(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        size = self.cfg.workers.chunk_size
-        results: list[dict[str, Any] | None] = [None] * len(items)
-        queue = deque((list(range(i, min(i + size, len(items)))), 0) for i in range(0, len(items), size))
-        running: dict[asyncio.Future, tuple[_Worker, list[int], int, Any]] = {}
-        try:
-            while queue or running:
-                backlog = sum(len(c) for c, _ in queue) + sum(len(v[1]) for v in running.values())
-                self.autoscale(backlog, time.monotonic())
-                for wk in sorted(self.workers, key=lambda x: x.in_flight):
-                    while queue and wk.in_flight < self.per_worker:
-                        idx, tries = queue.popleft()
-                        ref = wk.handle.score_batch.remote([items[i] for i in idx])
-                        running[asyncio.wrap_future(ref.future())] = (wk, idx, tries, ref)
-                        wk.in_flight += 1
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for fut in done:
-                    wk, idx, tries, _ = running.pop(fut)
-                    wk.in_flight -= 1
-                    wk.idle_since = time.monotonic()
-                    self._collect(fut, wk, idx, tries, results, queue)
-        except BaseException:  # fatal error or cancellation: stop the other chunks' requests
-            for fut, (wk, _, _, ref) in running.items():
-                fut.cancel()
-                wk.in_flight -= 1
-                try:
-                    ray.cancel(ref)
-                except Exception:  # the worker may be gone already
-                    pass
-            raise
-        self.autoscale(0, time.monotonic())
-        return [r for r in results if r is not None]
+    def _wake(self, n: int) -> None:
+        """Let up to ``n`` waiting stories look for a slot again (oldest first)."""
+        while n > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():  # a waiter that timed out or was cancelled is skipped
+                fut.set_result(None)
+                n -= 1
 
-    def _collect(self, fut: asyncio.Future, wk: _Worker, idx: list[int], tries: int,
-                 results: list, queue: deque) -> None:
+    async def _take_slot(self, deadline: float) -> _Worker | None:
+        """The least busy worker with a free slot (its slot taken), or None at the deadline."""
+        while True:
+            self.autoscale(self._active, time.monotonic())
+            free = [w for w in self.workers if w.in_flight < self.per_worker]
+            if free:
+                wk = min(free, key=lambda w: w.in_flight)
+                wk.in_flight += 1
+                return wk
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                pass  # the loop checks the deadline
+
+    def _free_slot(self, wk: _Worker) -> None:
+        wk.in_flight -= 1
+        wk.idle_since = time.monotonic()
+        self._wake(1)
+
+    async def score_one(self, prompt: str, story: str) -> dict[str, Any]:
+        """One story on some worker; resubmitted elsewhere if that worker dies."""
+        self._active += 1
+        deadline = time.monotonic() + self.cfg.retry.sample_deadline_s
         try:
-            outcomes, delta = fut.result()
-        except RayActorError:
-            log.warning("judge %s: worker died; resubmitting %d samples", self.cfg.name, len(idx))
-            if wk in self.workers:
-                self.workers.remove(wk)
-            self.metrics.inc("worker_restarts")
-            if tries < self.cfg.workers.max_resubmits:
-                queue.appendleft((idx, tries + 1))
-            else:
-                for i in idx:
-                    results[i] = {"score": None, "overall": None, "reason": "worker_failed"}
-                self.metrics.inc("failures", len(idx))
-            return
-        except JudgeFatalError as e:  # Ray's RayTaskError subclass of the cause's type
-            raise JudgeFatalError(str(getattr(e, "cause", e))) from None
-        self.metrics.merge(delta)
-        for i, out in zip(idx, outcomes):
-            results[i] = out
+            for _ in range(self.cfg.workers.max_resubmits + 1):
+                wk = await self._take_slot(deadline)
+                if wk is None:
+                    self.metrics.inc("failures")
+                    return {"score": None, "overall": None, "reason": "deadline_exceeded:waiting_for_worker"}
+                ref = wk.handle.score_one.remote(prompt, story)
+                try:
+                    outcome, delta = await asyncio.wrap_future(ref.future())
+                except RayActorError:
+                    if wk in self.workers:
+                        log.warning("judge %s: a worker died; resubmitting its stories", self.cfg.name)
+                        self.workers.remove(wk)
+                    self.metrics.inc("worker_restarts")
+                    continue
+                except JudgeFatalError as e:  # Ray's RayTaskError subclass of the cause's type
+                    raise JudgeFatalError(str(getattr(e, "cause", e))) from None
+                except asyncio.CancelledError:  # the stream stopped: stop this request too
+                    _cancel(ref)
+                    raise
+                finally:
+                    self._free_slot(wk)
+                self.metrics.merge(delta)
+                return outcome
+            self.metrics.inc("failures")
+            return {"score": None, "overall": None, "reason": "worker_failed"}
+        finally:
+            self._active -= 1
+
+    async def settle(self) -> None:
+        """A stream ended: scale down what is idle."""
+        self.autoscale(self._active, time.monotonic())
 
     def close(self, loop: object = None) -> None:
         for wk in self.workers:
             try:
                 self.metrics.merge(ray.get(wk.handle.close.remote(), timeout=10))
-            except Exception:  # best effort: the worker may already be gone
-                pass
+            except Exception as e:  # best effort: the worker may already be gone
+                log.warning("judge %s: a worker's last metrics are lost (%s)", self.cfg.name, type(e).__name__)
             ray.kill(wk.handle)
         self.workers.clear()
+
+
+def _cancel(ref: Any) -> None:
+    try:
+        ray.cancel(ref)
+    except Exception as e:  # already finished, or its worker is gone: nothing left to stop
+        log.debug("judge: cancelling a request failed (%s)", type(e).__name__)

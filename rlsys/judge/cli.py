@@ -1,9 +1,20 @@
 """``rlsys judge score <judge.yaml> --input stories.jsonl --output scores.jsonl``.
 
 Input lines: ``{"id", "prompt", "story"}``. Output: one line per input, ``{"id", "score",
-"masked": false}`` or ``{"id", "masked": true, "reason"}``, appended chunk by chunk and fsync'd,
-so a re-run skips every id already in the output (a torn last line is truncated away) and judge
-results are also kept in a cache file next to the output. Same ``JudgeScorer`` as training.
+"masked": false}`` or ``{"id", "masked": true, "reason"}``. Same ``JudgeScorer`` as training.
+
+Why it is built this way:
+
+* no chunks: up to ``--in-flight`` stories are with the judge at once and a new one starts as
+  soon as any finishes (``JudgeScorer.score_stream``), so a story that is retrying holds back
+  no other;
+* every result is appended to the output (and its verdict to the cache journal,
+  ``<cache>.journal``) the moment it arrives, flushed at once and fsync'd at least every second:
+  a kill at any moment leaves complete lines (a torn last line is cut off on resume), and a
+  re-run skips every id already in the output and answers the rest from the cache where it can,
+  so no answered request is sent again;
+* lines are written in the order results arrive; when every input has its line, the file is
+  rewritten atomically in input order and the journal is folded into the cache file.
 """
 
 from __future__ import annotations
@@ -13,11 +24,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
+from rlsys.atomic import write_file
+from rlsys.judge.cache import complete_lines
 from rlsys.judge.client import JudgeFatalError
 from rlsys.judge.config import JudgeConfigError, MissingApiKeyError, load_judge_config
 
@@ -34,13 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="judge cache file (default: <output>.cache.json)")
     s.add_argument("--backend", choices=["local", "ray"], default="local", help="in-process client or Ray worker pool")
     s.add_argument("--ray-address", default=None, help="Ray cluster address for --backend ray (default: start a local one)")
-    s.add_argument("--chunk", type=int, default=64, help="samples scored and written per step")
+    s.add_argument("--in-flight", "--chunk", dest="in_flight", type=int, default=256,
+                   help="stories with the judge at once; a new one starts as soon as one finishes "
+                        "(--chunk is its old name)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
+FSYNC_EVERY_S = 1.0
+
+
 def _done_ids(path: Path) -> set[str]:
-    """Ids already in the output; truncates a torn (unterminated/invalid) final line."""
+    """Ids already in the output; truncates a torn (unterminated/invalid) tail."""
     if not path.exists():
         return set()
     done: set[str] = set()
@@ -59,6 +78,36 @@ def _done_ids(path: Path) -> set[str]:
         log.warning("%s: truncating a partial last line", path)
         os.truncate(path, good)
     return done
+
+
+class _Appender:
+    """Append-only JSONL writer: each line flushed at once (a killed process loses nothing that
+    was written), fsync'd at most every ``FSYNC_EVERY_S`` and on ``sync()`` (a host crash)."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f, self._synced = f, time.monotonic()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if time.monotonic() - self._synced >= FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self._synced = time.monotonic()
+
+
+def _in_input_order(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the finished output atomically with its lines in input order (ids the input does
+    not have, e.g. from an older input file, stay at the end in their order)."""
+    lines = complete_lines(path)
+    ids = [str(json.loads(x)["id"]) for x in lines]
+    rank = {r["id"]: n for n, r in enumerate(rows)}
+    order = sorted(range(len(lines)), key=lambda k: (rank.get(ids[k], len(rank)), k))
+    if order != list(range(len(lines))):
+        write_file(path, b"".join(lines[k] + b"\n" for k in order))
 
 
 def _read_inputs(path: Path) -> list[dict[str, Any]]:
@@ -91,6 +140,8 @@ def _score(args: argparse.Namespace) -> int:
 
     cfg = load_judge_config(args.config)
     out_path, cache_path = Path(args.output), Path(args.cache or f"{args.output}.cache.json")
+    if args.in_flight < 1:
+        raise ValueError(f"--in-flight must be >= 1, got {args.in_flight}")
     rows = _read_inputs(Path(args.input))
     done = _done_ids(out_path)
     todo = [r for r in rows if r["id"] not in done]
@@ -104,21 +155,23 @@ def _score(args: argparse.Namespace) -> int:
     scorer = JudgeScorer(cfg, backend=args.backend)
     try:
         scorer.load_cache(cache_path)
-        with out_path.open("a") as out, tqdm(total=len(rows), initial=len(rows) - len(todo), unit="story",
-                                             disable=args.no_progress, file=sys.stderr) as bar:
-            for i in range(0, len(todo), args.chunk):
-                chunk = todo[i:i + args.chunk]
-                bad = {r["id"] for r in chunk if not isinstance(r.get("prompt"), str) or not isinstance(r.get("story"), str)}
-                ok = [r for r in chunk if r["id"] not in bad]
-                res = dict(zip((r["id"] for r in ok), scorer.score_items(ok)))
-                for r in chunk:
-                    rec = (_record(r["id"], res[r["id"]]) if r["id"] in res
-                           else {"id": r["id"], "masked": True, "reason": "invalid_input:prompt and story must be strings"})
-                    out.write(json.dumps(rec) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-                scorer.save_cache(cache_path)
-                bar.update(len(chunk))
+        scorer.cache.journal(cache_path)  # every new verdict is on disk before its output line
+        with out_path.open("a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo), unit="story",
+                                           disable=args.no_progress, file=sys.stderr) as bar:
+            out = _Appender(f)
+            try:
+                ok = [r for r in todo if isinstance(r.get("prompt"), str) and isinstance(r.get("story"), str)]
+                for r in todo:
+                    if not (isinstance(r.get("prompt"), str) and isinstance(r.get("story"), str)):
+                        out.write({"id": r["id"], "masked": True, "reason": "invalid_input:prompt and story must be strings"})
+                        bar.update(1)
+                for i, res in scorer.score_stream(ok, window=args.in_flight):
+                    out.write(_record(ok[i]["id"], res))
+                    bar.update(1)
+            finally:
+                out.sync()
+        _in_input_order(out_path, rows)
+        scorer.save_cache(cache_path)  # folds the journal into the cache file
         summary = scorer.metrics_summary()
         print(json.dumps({"judge_summary": summary}, sort_keys=True), file=sys.stderr)
     finally:
@@ -139,7 +192,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except JudgeFatalError as e:
-        print(f"error: {e} (completed chunks are saved; re-run to resume)", file=sys.stderr)
+        print(f"error: {e} (every result so far is saved; re-run to resume)", file=sys.stderr)
         return 1
 
 

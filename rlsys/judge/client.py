@@ -2,14 +2,21 @@
 
 One ``score()`` call turns (prompt, story) into either a rubric score or a masked outcome with a
 reason; it never invents a score. Every HTTP attempt first takes a permit from the (possibly
-cluster-wide) limiter. Failure handling:
+cluster-wide) limiter and hands it back when the response (or the failure) is in, so the limiter
+counts the request until it has certainly arrived. Failure handling:
 
-* 429 -> wait Retry-After (and, by default, pause every worker through the limiter); does not
-  use up the attempt budget, only the sample deadline.
+* 429 -> slows the pool as much as the server asks and no more: Retry-After (or a backoff, if
+  absent) delays *this* request only; the others keep their pace. Only what the server says
+  about the whole quota reaches every worker, through the shared limiter: OpenAI-style
+  ``x-ratelimit-limit-*`` below our budget lowers the budget to it, and ``remaining 0`` with
+  ``x-ratelimit-reset-*`` pauses all grants until that reset. ``pause_cluster_on_429`` (off by
+  default) also pauses everyone for every Retry-After, for endpoints that punish continued
+  traffic. A 429 does not use up the attempt budget, only the sample deadline.
 * 5xx, timeouts, connection errors, non-JSON bodies -> exponential backoff with jitter, up to
   ``retry.max_attempts``; they also feed the circuit breaker.
 * a reply that does not satisfy the rubric schema -> re-asked up to ``retry.parse_retries``.
-* 401/403/404 -> ``JudgeFatalError`` (bad key, model or URL: retrying cannot help).
+* 401/403/404 -> ``JudgeFatalError`` (bad key, model or URL: retrying cannot help). The client
+  then refuses to send anything more: its other concurrent stories raise the same error.
 
 The API key lives only in the httpx client's default headers (which httpx redacts in reprs); it is
 never logged, returned or put in an exception message.
@@ -29,9 +36,10 @@ import httpx
 
 from rewards.judge_rubric import POLARIS_RUBRIC, ParseFailure, Rubric, build_judge_messages, parse_judge_reply
 from rlsys.judge.config import JudgeConfig
-from rlsys.judge.limiter import AsyncLimiter, Permit, PermitTooLarge
+from rlsys.judge.limiter import AsyncLimiter, PermitTooLarge
 from rlsys.judge.metrics import JudgeMetrics
-from rlsys.judge.resilience import CircuitBreaker, backoff_delay, parse_retry_after
+from rlsys.judge.resilience import (CircuitBreaker, ServerLimits, backoff_delay, parse_rate_limit_headers,
+                                    parse_retry_after)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ class _Attempt:
     retry_after: float | None = None
     status: int = 0
     tokens: int | None = None
+    limits: ServerLimits | None = None  # what a 429's headers say about the whole quota
+    answered: bool = True  # False: no response (timeout, connection error), it may still arrive
 
 
 class JudgeClient:
@@ -73,6 +83,7 @@ class JudgeClient:
         self._host = urlsplit(cfg.base_url).netloc
         self._breaker = CircuitBreaker(cfg.circuit_breaker.failure_threshold, cfg.circuit_breaker.reset_after_s)
         self._rng = rng or random.Random()
+        self._fatal: JudgeFatalError | None = None  # once set, nothing more is sent
 
     def __repr__(self) -> str:
         return f"JudgeClient(name={self.cfg.name!r}, host={self._host!r}, model={self.cfg.model!r})"
@@ -102,19 +113,17 @@ class JudgeClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self._masked(f"deadline_exceeded:{last}")
+            if self._fatal is not None:  # another story met a fatal error: send nothing more
+                raise JudgeFatalError(str(self._fatal))
             try:
                 permit = await asyncio.wait_for(self.limiter.acquire(est), remaining)
             except PermitTooLarge:
                 return self._masked("too_many_tokens")
             except asyncio.TimeoutError:
                 return self._masked(f"deadline_exceeded:{last}")
-            if self._stale(permit):  # too late to send inside the limiter's margin: hand it back
-                self.metrics.inc("stale_permits")
-                await self.limiter.release(permit, sent=False)
-                continue
             # Ask the breaker only now, right before sending: it may have opened while we waited.
             wait = self._breaker.before(time.monotonic())
-            if wait > 0:
+            if wait > 0 or self._fatal is not None:
                 await self.limiter.release(permit, sent=False)
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
                 last = "circuit_open"
@@ -122,11 +131,11 @@ class JudgeClient:
             if attempts:
                 self.metrics.inc("retries")
             attempts += 1
-            att = _Attempt("conn", "not_sent")
+            att = _Attempt("conn", "cancelled", answered=False)
             try:
                 att = await self._attempt(body, nonce)
             finally:
-                await self.limiter.release(permit, att.tokens)
+                await self.limiter.release(permit, att.tokens, answered=att.answered)
             if att.kind == "ok":
                 self.metrics.inc("responses_ok")
                 return {"score": att.score.sq, "overall": att.score.overall, "reason": None}
@@ -144,18 +153,13 @@ class JudgeClient:
             tries["parse"] += 1
             return self._masked(f"parse_error:{att.reason}") if tries["parse"] > policy.parse_retries else 0.0
         if att.kind == "429":
-            self.metrics.inc("http_429")
-            delay = att.retry_after if att.retry_after is not None else backoff_delay(
-                1, policy.backoff_base_s, policy.backoff_max_s, policy.jitter, self._rng)
-            delay = min(policy.max_retry_after_s, delay)
-            if self.cfg.pause_cluster_on_429:
-                await self.limiter.pause(delay)
-            return delay
+            return await self._after_429(att)
         if att.kind == "4xx":
             self.metrics.inc("http_4xx")
             if att.status in FATAL_STATUSES:
-                raise JudgeFatalError(f"judge '{self.cfg.name}': HTTP {att.status} from {self._host} "
-                                      f"(check model, base_url and the key in ${self.cfg.api_key_env})")
+                self._fatal = JudgeFatalError(f"judge '{self.cfg.name}': HTTP {att.status} from {self._host} "
+                                              f"(check model, base_url and the key in ${self.cfg.api_key_env})")
+                raise self._fatal
             return self._masked(f"http_{att.status}")
         # 5xx, timeout, connection error, non-JSON body: transient -> back off, feed the breaker
         self.metrics.inc(_TRANSIENT_COUNTER[att.kind])
@@ -167,11 +171,24 @@ class JudgeClient:
             return self._masked(f"{att.reason or att.kind}:after_{tries['transport']}_attempts")
         return backoff_delay(tries["transport"], policy.backoff_base_s, policy.backoff_max_s, policy.jitter, self._rng)
 
-    def _stale(self, permit: Permit) -> bool:
-        # Half the margin covers grant -> send (checked here); the other half is left for the
-        # variation of the network transit to the endpoint, which we cannot observe.
-        limit = self.cfg.window_margin_s / 2
-        return limit > 0 and permit.granted_wall > 0 and time.time() - permit.granted_wall > limit
+    async def _after_429(self, att: _Attempt) -> float:
+        """The 429 policy (module docstring): delay this request by Retry-After; tell the shared
+        limiter only what the server says about the whole quota. Returns the delay."""
+        policy = self.cfg.retry
+        self.metrics.inc("http_429")
+        delay = att.retry_after if att.retry_after is not None else backoff_delay(
+            1, policy.backoff_base_s, policy.backoff_max_s, policy.jitter, self._rng)
+        delay = min(policy.max_retry_after_s, delay)
+        lim = att.limits or ServerLimits()
+        if lim.requests_per_minute is not None or lim.tokens_per_minute is not None:
+            await self.limiter.cap(lim.requests_per_minute, lim.tokens_per_minute)
+        pause = min(policy.max_retry_after_s, lim.exhausted_for_s) if lim.exhausted_for_s is not None else 0.0
+        if self.cfg.pause_cluster_on_429:
+            pause = max(pause, delay)
+        if pause > 0:
+            self.metrics.inc("pool_pauses")
+            await self.limiter.pause(pause)
+        return max(delay, pause)
 
     def _masked(self, reason: str) -> dict[str, Any]:
         self.metrics.inc("failures")
@@ -186,14 +203,15 @@ class JudgeClient:
             async with asyncio.timeout(self.cfg.timeout_s):  # total, not per-read, time limit
                 resp = await self._http.post(self._url, json=body)
         except (TimeoutError, httpx.TimeoutException):
-            return _Attempt("timeout", "timeout")
+            return _Attempt("timeout", "timeout", answered=False)
         except httpx.HTTPError as e:  # connection refused/reset, protocol errors
-            return _Attempt("conn", f"connection_error:{type(e).__name__}")
+            return _Attempt("conn", f"connection_error:{type(e).__name__}", answered=False)
         self.metrics.observe_latency(time.monotonic() - t0)
         status = resp.status_code
         if status == 429:
             self._breaker.success()  # the endpoint is alive, only busy
-            return _Attempt("429", "http_429", retry_after=parse_retry_after(resp.headers, time.time()), status=status)
+            return _Attempt("429", "http_429", retry_after=parse_retry_after(resp.headers, time.time()), status=status,
+                            limits=parse_rate_limit_headers(resp.headers))
         if status >= 500:
             return _Attempt("5xx", f"http_{status}", status=status)
         self._breaker.success()
@@ -213,16 +231,3 @@ class JudgeClient:
         if isinstance(parsed, ParseFailure):
             return _Attempt("parse", parsed.reason, tokens=tokens)
         return _Attempt("ok", score=parsed, tokens=tokens)
-
-
-async def score_all(client: JudgeClient, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Score many concurrently; on a fatal error cancel the rest instead of letting them keep
-    sending requests in the background."""
-    tasks = [asyncio.ensure_future(client.score(p, s)) for p, s in items]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

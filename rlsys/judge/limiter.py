@@ -1,25 +1,40 @@
 """Request/token/concurrency permits for a judge endpoint, shared by every worker in a cluster.
 
 Why a sliding-window *log* rather than a token bucket: a bucket lets ``capacity + rate * W``
-requests through in a window of length W, while a log of grant times enforces "at most L grants
-in any window of length W" exactly, which is what "the endpoint never sees more than the
-limit" means. The window is lengthened by ``margin_s`` so that jitter between the grant and the
-request's arrival at the endpoint cannot squeeze L + 1 arrivals into one server-side window.
+requests through in a window of length W, while a log enforces "at most L requests in any window
+of length W" exactly, which is what "the endpoint never sees more than the limit" means.
+
+Why each request stays in the log from its permit until ``W`` after its response arrived (not
+``W`` after the permit): the endpoint counts a request when it *arrives*, which is somewhere
+between our permit and our receiving the response -- a request delayed in the permit queue, the
+client or the network arrives late. If a request leaves the log only once ``now >= response + W``,
+then any request granted afterwards arrives at least ``W`` after it, so no ``L + 1`` arrivals can
+share one server-side window, whatever the transit delay. A request we gave up on (timeout,
+connection error) has no response to bound its arrival -- a busy endpoint may still take it out
+of its queue and count it later -- so it stays ``late_s`` (the request timeout) longer. The price is that a slot is busy for
+``W + latency`` rather than ``W``: the throughput ceiling is ``W / (W + latency + margin_s)`` of
+the budget (0.99 for 5 s windows and 50 ms replies, more for 60 s windows). A request whose
+holder never reports back (a dead worker) is assumed to be over when its lease ends.
+``margin_s`` is extra window length on top, for endpoints that count in some other way.
 
 ``LimiterCore`` is the pure, clock-injected state machine (unit-tested without asyncio);
 ``LocalLimiter`` wraps it for one event loop; ``RayLimiterActor`` hosts a ``LocalLimiter`` in a
 named Ray actor so that all judge workers of the cluster draw from the same budgets, and
 ``RayLimiterClient`` gives that actor the same async interface as ``LocalLimiter``.
+
+``cap`` lowers the budgets (never above the configured ones) when the endpoint says its limit is
+lower (an ``x-ratelimit-limit-*`` header on a 429); ``pause`` stops all grants for a while (the
+endpoint says the whole quota is used up until then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -39,30 +54,33 @@ class Limits:
     concurrency: int
     window_s: float
     margin_s: float = 0.0
-    lease_s: float = 600.0  # an unreleased permit (dead worker) frees its concurrency slot after this
+    lease_s: float = 600.0  # an unreleased permit (dead worker) is assumed over after this
+    late_s: float = 0.0  # how long after we gave up on it (no response) a request may still arrive
 
 
 @dataclass(frozen=True)
 class Permit:
-    """Proof of admission; hand it back with ``release``.
-
-    ``granted_wall`` (``time.time()`` at grant, 0 = unknown) lets the holder refuse a permit that
-    reached it too late: the margin only absorbs grant-to-send delays shorter than itself.
-    """
+    """Proof of admission; hand it back with ``release`` once the response (or failure) is in."""
 
     id: int
     tokens: int
-    granted_wall: float = 0.0
 
 
 class LimiterCore:
-    """Pure limiter state; ``now`` is always passed in so tests control time."""
+    """Pure limiter state; ``now`` is always passed in so tests control time.
+
+    Every permit is in the window log from its grant until ``span`` after its release (plus
+    ``late_s`` if no response came, or after its lease ends if never released); while unreleased
+    it also holds a concurrency slot.
+    """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._grants: deque[tuple[float, int]] = deque()  # (time, permit id) in the window
-        self._tokens: dict[int, int] = {}  # permit id -> tokens charged (while in the window)
-        self._leases: dict[int, float] = {}  # permit id -> lease expiry (while in flight)
+        self.configured = limits  # ``cap`` never goes above these
+        self._open: dict[int, float] = {}  # permit id -> lease expiry, while in flight
+        self._closed: list[tuple[float, int]] = []  # heap of (leaves the window at, permit id)
+        self._tokens: dict[int, int] = {}  # permit id -> tokens charged, for every permit in the window
+        self._used = 0  # sum of _tokens
         self._paused_until = 0.0
         self._ids = itertools.count(1)
 
@@ -70,70 +88,115 @@ class LimiterCore:
     def span(self) -> float:
         return self.limits.window_s + self.limits.margin_s
 
+    def _charge(self, pid: int, tokens: int) -> None:
+        self._used += tokens - self._tokens.get(pid, 0)
+        self._tokens[pid] = tokens
+
+    def _forget(self, pid: int) -> None:
+        self._used -= self._tokens.pop(pid, 0)
+
     def _expire(self, now: float) -> None:
-        while self._grants and self._grants[0][0] <= now - self.span:
-            _, pid = self._grants.popleft()
-            self._tokens.pop(pid, None)
-        for pid, until in list(self._leases.items()):
-            if until <= now:
-                del self._leases[pid]
+        for pid, until in list(self._open.items()):
+            if until <= now:  # holder never reported back: assume the request is over
+                del self._open[pid]
+                heapq.heappush(self._closed, (until + self.span + self.limits.late_s, pid))
+        while self._closed and self._closed[0][0] <= now:
+            _, pid = heapq.heappop(self._closed)
+            self._forget(pid)
+
+    def _kth_end(self, k: int) -> float:
+        """When the (k+1)-th permit to leave the window leaves it (open ones: at lease end + span).
+        Only the k+1 soonest closed ones can matter, so a full 60 s log is not sorted per call."""
+        soonest = heapq.nsmallest(k + 1, self._closed) if k else self._closed[:1]
+        late = self.span + self.limits.late_s
+        ends = sorted([end for end, _ in soonest] + [until + late for until in self._open.values()])
+        return ends[k]
 
     def try_acquire(self, tokens: int, now: float) -> Permit | float:
-        """Grant a permit, or return how many seconds to wait before asking again."""
+        """Grant a permit, or return how many seconds to wait before asking again (a release
+        may end the wait sooner)."""
         lim = self.limits
         if lim.tokens is not None and tokens > lim.tokens:
             raise PermitTooLarge(f"request needs {tokens} tokens, window budget is {lim.tokens}")
         self._expire(now)
         waits = [self._paused_until - now]
-        if len(self._grants) >= lim.requests:
-            waits.append(self._grants[0][0] + self.span - now)
-        if lim.tokens is not None and sum(self._tokens.values()) + tokens > lim.tokens:
+        in_window = len(self._open) + len(self._closed)
+        if in_window >= lim.requests:
+            waits.append(self._kth_end(in_window - lim.requests) - now)
+        if lim.tokens is not None and self._used + tokens > lim.tokens:
             waits.append(self._when_tokens_fit(tokens, now))
-        if len(self._leases) >= lim.concurrency:
-            waits.append(min(self._leases.values()) - now)
+        if len(self._open) >= lim.concurrency:
+            waits.append(min(self._open.values()) - now)
         wait = max(waits)
         if wait > 0:
             return wait
         pid = next(self._ids)
-        self._grants.append((now, pid))
-        self._tokens[pid] = tokens
-        self._leases[pid] = now + lim.lease_s
+        self._open[pid] = now + lim.lease_s
+        self._charge(pid, tokens)
         return Permit(pid, tokens)
 
     def _when_tokens_fit(self, tokens: int, now: float) -> float:
-        used = sum(self._tokens.values())
-        for t, pid in self._grants:
+        ends = sorted([(end, pid) for end, pid in self._closed]
+                      + [(until + self.span + self.limits.late_s, pid) for pid, until in self._open.items()])
+        used = self._used
+        for end, pid in ends:
             used -= self._tokens.get(pid, 0)
             if used + tokens <= (self.limits.tokens or 0):
-                return t + self.span - now
+                return end - now
         return self.span
 
-    def release(self, permit_id: int, actual_tokens: int | None = None, sent: bool = True) -> None:
-        """End a permit's concurrency lease; replace its token reservation by actual usage.
+    def release(self, permit_id: int, actual_tokens: int | None = None, sent: bool = True,
+                answered: bool = True, *, now: float) -> None:
+        """The response (or the failure) is in: the permit stays in the window until
+        ``now + span`` (``+ late_s`` if not ``answered``: a timeout or connection error, after
+        which the request may still reach the endpoint); its token reservation is replaced by
+        actual usage.
 
         ``sent=False`` refunds the permit entirely (the request was never sent, e.g. the
         circuit breaker opened while the caller waited for the permit)."""
-        self._leases.pop(permit_id, None)
+        if self._open.pop(permit_id, None) is None:
+            return  # unknown or already expired lease: it is accounted for already
         if not sent:
-            self._grants = deque(g for g in self._grants if g[1] != permit_id)
-            self._tokens.pop(permit_id, None)
-        elif actual_tokens is not None and permit_id in self._tokens:
-            self._tokens[permit_id] = actual_tokens
+            self._forget(permit_id)
+            return
+        if actual_tokens is not None:
+            self._charge(permit_id, actual_tokens)
+        heapq.heappush(self._closed, (now + self.span + (0.0 if answered else self.limits.late_s), permit_id))
 
     def pause(self, seconds: float, now: float) -> None:
-        """Grant nothing for ``seconds`` (e.g. the endpoint answered 429 with Retry-After)."""
+        """Grant nothing for ``seconds`` (the endpoint says its whole quota is used up)."""
         self._paused_until = max(self._paused_until, now + seconds)
 
+    def cap(self, requests: int | None = None, tokens: int | None = None) -> bool:
+        """Lower the per-window budgets to what the endpoint says it allows (never above the
+        configured ones, never below 1). True if anything changed."""
+        lim, conf = self.limits, self.configured
+        new = lim
+        if requests is not None:
+            new = replace(new, requests=max(1, min(conf.requests, requests)))
+        if tokens is not None:
+            new = replace(new, tokens=max(1, tokens if conf.tokens is None else min(conf.tokens, tokens)))
+        if new == lim:
+            return False
+        self.limits = new
+        return True
+
+    def reconfigure(self, limits: Limits) -> None:
+        """Adopt new configured budgets, keeping the permits already in the window."""
+        self.limits = self.configured = limits
+
     def in_flight(self) -> int:
-        return len(self._leases)
+        return len(self._open)
 
 
 class AsyncLimiter(Protocol):
     """Interface shared by the local and the Ray-backed limiter."""
 
     async def acquire(self, tokens: int) -> Permit: ...
-    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True) -> None: ...
+    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
+                      answered: bool = True) -> None: ...
     async def pause(self, seconds: float) -> None: ...
+    async def cap(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None: ...
 
 
 class LocalLimiter:
@@ -157,19 +220,30 @@ class LocalLimiter:
             while True:
                 got = self.core.try_acquire(tokens, self._clock())
                 if isinstance(got, Permit):
-                    return replace(got, granted_wall=time.time())
+                    return got
                 wake.clear()
                 try:  # a release can end the wait early; otherwise sleep until the next expiry
-                    await asyncio.wait_for(wake.wait(), None if math.isinf(got) else got)
+                    await asyncio.wait_for(wake.wait(), got)
                 except asyncio.TimeoutError:
-                    pass
+                    pass  # the wait ran its course: ask again
 
-    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True) -> None:
-        self.core.release(permit.id, actual_tokens, sent)
+    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
+                      answered: bool = True) -> None:
+        self.core.release(permit.id, actual_tokens, sent, answered, now=self._clock())
         self._prims()[1].set()
 
     async def pause(self, seconds: float) -> None:
         self.core.pause(seconds, self._clock())
+
+    async def cap(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        """Lower the budgets to the endpoint's own per-minute limits (never above the config)."""
+        scale = self.core.limits.window_s / 60.0
+        req = None if requests_per_minute is None else math.floor(requests_per_minute * scale)
+        tok = None if tokens_per_minute is None else math.floor(tokens_per_minute * scale)
+        if self.core.cap(req, tok):
+            lim = self.core.limits
+            log.warning("judge limiter: the endpoint reports lower limits; now %d requests and %s tokens per %.3g s",
+                        lim.requests, lim.tokens, lim.window_s)
 
     async def stats(self) -> dict[str, float]:
         return {"in_flight": float(self.core.in_flight())}
@@ -185,6 +259,7 @@ def limits_for(cfg) -> Limits:  # cfg: JudgeConfig (untyped to keep this module 
         window_s=cfg.rate_window_s,
         margin_s=cfg.window_margin_s,
         lease_s=cfg.timeout_s + 30.0,
+        late_s=cfg.timeout_s,
     )
 
 
@@ -203,25 +278,34 @@ class LimiterService:
         self._limits = limits
         self._inner = LocalLimiter(limits)
         if _was_restarted():
-            # The grant log died with the previous instance: wait one full window so the grants
-            # it made cannot be repeated on top of themselves.
+            # The log died with the previous instance: wait one full window so the requests it
+            # let through cannot be repeated on top of themselves.
             self._inner.core.pause(limits.window_s + limits.margin_s, time.monotonic())
 
     def limits(self) -> Limits:
         return self._limits
 
     def reconfigure(self, limits: Limits) -> None:
-        """Adopt new budgets, keeping the grants already in the window."""
-        self._limits = self._inner.core.limits = limits
+        """Adopt new budgets, keeping the permits already in the window."""
+        self._limits = limits
+        self._inner.core.reconfigure(limits)
 
     async def acquire(self, tokens: int) -> Permit:
         return await self._inner.acquire(tokens)
 
-    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True) -> None:
-        await self._inner.release(permit, actual_tokens, sent)
+    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
+                      answered: bool = True) -> None:
+        await self._inner.release(permit, actual_tokens, sent, answered)
 
     async def pause(self, seconds: float) -> None:
         await self._inner.pause(seconds)
+
+    async def cap(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        await self._inner.cap(requests_per_minute, tokens_per_minute)
+
+    async def current_limits(self) -> Limits:
+        """The budgets in force now (``limits()`` is the configured ones)."""
+        return self._inner.core.limits
 
     async def stats(self) -> dict[str, float]:
         return await self._inner.stats()
@@ -245,11 +329,15 @@ class RayLimiterClient:
     async def acquire(self, tokens: int) -> Permit:
         return await self.handle.acquire.remote(tokens)
 
-    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True) -> None:
-        await self.handle.release.remote(permit, actual_tokens, sent)
+    async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
+                      answered: bool = True) -> None:
+        await self.handle.release.remote(permit, actual_tokens, sent, answered)
 
     async def pause(self, seconds: float) -> None:
         await self.handle.pause.remote(seconds)
+
+    async def cap(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        await self.handle.cap.remote(requests_per_minute, tokens_per_minute)
 
 
 def limiter_actor_name(judge_name: str) -> str:

@@ -8,6 +8,7 @@ stored -- there is no field where a header, URL or key could end up.
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter, deque
 from typing import Any
 
@@ -30,7 +31,7 @@ COUNTERS = (
     "cache_hits",        # samples answered from the cache (incl. duplicates in a batch)
     "empty_stories",     # samples with nothing after </think>, scored 0 without a call
     "worker_restarts",   # chunks resubmitted because a worker died
-    "stale_permits",     # permits handed back unused: they arrived later than margin/2 (raise window_margin_s if frequent)
+    "pool_pauses",       # 429s after which every worker paused (quota exhausted per the headers, or pause_cluster_on_429)
     "tokens_in",
     "tokens_out",
 )
@@ -46,33 +47,44 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class JudgeMetrics:
-    """Counters plus a bounded reservoir of recent request latencies."""
+    """Counters plus a bounded reservoir of recent request latencies.
+
+    Thread-safe: while a stream of results is consumed, the scorer's caller thread and its
+    event-loop thread record into the same instance."""
 
     def __init__(self, price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
                  max_latencies: int = 20_000) -> None:
         self.counts: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=max_latencies)
         self._price = (price_in_per_1m, price_out_per_1m)
+        self._lock = threading.Lock()
 
     def inc(self, name: str, n: int = 1) -> None:
         if name not in COUNTERS:
             raise KeyError(f"unknown judge metric {name!r}")
-        self.counts[name] += n
+        with self._lock:
+            self.counts[name] += n
 
     def observe_latency(self, seconds: float) -> None:
-        self.latencies.append(seconds)
+        with self._lock:
+            self.latencies.append(seconds)
 
     def drain(self) -> dict[str, Any]:
         """Return everything recorded since the last drain and reset (for worker -> driver)."""
-        out = {"counts": dict(self.counts), "latencies": list(self.latencies)}
-        self.counts.clear()
-        self.latencies.clear()
+        with self._lock:
+            out = {"counts": dict(self.counts), "latencies": list(self.latencies)}
+            self.counts.clear()
+            self.latencies.clear()
         return out
 
     def merge(self, delta: dict[str, Any]) -> None:
-        for k, v in delta.get("counts", {}).items():
-            self.inc(k, int(v))
-        self.latencies.extend(float(x) for x in delta.get("latencies", []))
+        counts = {k: int(v) for k, v in delta.get("counts", {}).items()}
+        unknown = set(counts) - set(COUNTERS)
+        if unknown:
+            raise KeyError(f"unknown judge metrics {sorted(unknown)}")
+        with self._lock:
+            self.counts.update(counts)
+            self.latencies.extend(float(x) for x in delta.get("latencies", []))
 
     def cost_usd(self) -> float:
         p_in, p_out = self._price
@@ -80,8 +92,9 @@ class JudgeMetrics:
 
     def summary(self) -> dict[str, float]:
         """Flat ``name -> float`` dict for training logs and the CLI's final report."""
-        out = {k: float(self.counts[k]) for k in COUNTERS}
-        lat = list(self.latencies)
+        with self._lock:
+            out = {k: float(self.counts[k]) for k in COUNTERS}
+            lat = list(self.latencies)
         out["latency_p50_s"] = percentile(lat, 50)
         out["latency_p95_s"] = percentile(lat, 95)
         out["cost_usd"] = self.cost_usd()

@@ -1,4 +1,5 @@
-"""Pure retry helpers: exponential backoff with jitter, Retry-After parsing, circuit breaker.
+"""Pure retry helpers: exponential backoff with jitter, Retry-After and rate-limit header
+parsing, circuit breaker.
 
 Kept apart from the HTTP client so each rule is unit-tested with an injected clock/RNG.
 """
@@ -7,7 +8,11 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
+from dataclasses import dataclass
 from typing import Mapping
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
 
 
 def backoff_delay(failures: int, base_s: float, max_s: float, jitter: float, rng: random.Random) -> float:
@@ -42,6 +47,54 @@ def parse_retry_after(headers: Mapping[str, str], now_epoch: float) -> float | N
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now_epoch)
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds from a rate-limit reset value: a plain number of seconds, or OpenAI's Go-style
+    durations ("20ms", "1.5s", "6m0s", "1h2m3s"). None if unreadable."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(value):
+        if m.start() != pos:
+            return None
+        n, unit = float(m.group(1)), m.group(2)
+        total += n / 1000.0 if unit == "ms" else n * {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        pos = m.end()
+    return total if pos == len(value) and pos > 0 else None
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a 429's rate-limit headers say about the whole quota, not just this request."""
+
+    requests_per_minute: float | None = None  # x-ratelimit-limit-requests
+    tokens_per_minute: float | None = None  # x-ratelimit-limit-tokens
+    exhausted_for_s: float | None = None  # remaining 0 until x-ratelimit-reset-*: nobody gets through
+
+
+def parse_rate_limit_headers(headers: Mapping[str, str]) -> ServerLimits:
+    """OpenAI-style ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers (limits
+    per minute, as OpenAI documents them). Missing or unreadable values are None."""
+    def number(name: str) -> float | None:
+        try:
+            v = float(headers.get(name, ""))
+        except ValueError:
+            return None
+        return v if v >= 0 else None
+
+    exhausted: list[float] = []
+    for kind in ("requests", "tokens"):
+        reset = headers.get(f"x-ratelimit-reset-{kind}")
+        if number(f"x-ratelimit-remaining-{kind}") == 0 and reset is not None:
+            seconds = parse_duration(reset)
+            if seconds is not None:
+                exhausted.append(seconds)
+    rpm, tpm = number("x-ratelimit-limit-requests"), number("x-ratelimit-limit-tokens")
+    return ServerLimits(rpm if rpm else None, tpm if tpm else None, max(exhausted) if exhausted else None)
 
 
 class CircuitBreaker:

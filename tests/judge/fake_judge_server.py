@@ -6,7 +6,11 @@ own story. Faults are chosen either per story -- a story containing ``[[FAULTS:4
 gets those outcomes on its 1st, 2nd, 3rd... request, then normal replies -- or at random with
 ``fault_rates``. Every arrival is timestamped so tests can check the request/token limit in any
 window; the server also enforces its own limit (``rate_limit`` per ``rate_window_s``) and counts
-violations.
+violations. ``transit_s`` / ``transit_jitter_s`` hold each request "in transit" (a fixed plus a
+uniformly random delay) before it arrives, i.e. before it is timestamped and counted against the
+limit, so a client whose limiter only counts permit-to-send time gets refused. With
+``ratelimit_headers`` an over-limit 429 also carries OpenAI's ``x-ratelimit-*`` headers (the limit
+per minute, 0 remaining, and when a slot frees up).
 
 Fault kinds: 429 (with Retry-After / retry-after-ms), 500, 503, 401 (echoes the Authorization
 header in its body, to test that errors never carry it), slow (reply after ``slow_s``),
@@ -75,9 +79,12 @@ def max_sum_in_window(events: list[tuple[float, int]], window: float) -> int:
 class FakeJudgeServer:
     def __init__(self, *, rate_limit: int | None = None, rate_window_s: float = 1.0, latency_s: float = 0.0,
                  fault_rates: dict[str, float] | None = None, seed: int = 0, retry_after: str = "1",
-                 retry_after_ms: str | None = None, slow_s: float = 2.0) -> None:
+                 retry_after_ms: str | None = None, slow_s: float = 2.0, transit_s: float = 0.0,
+                 transit_jitter_s: float = 0.0, ratelimit_headers: bool = False) -> None:
         self.rate_limit, self.rate_window_s, self.latency_s = rate_limit, rate_window_s, latency_s
+        self.transit_s, self.transit_jitter_s, self.ratelimit_headers = transit_s, transit_jitter_s, ratelimit_headers
         self.fault_rates, self.rng = fault_rates or {}, random.Random(seed)
+        self.transit_rng = random.Random(seed + 1)  # own stream: transit on/off keeps the fault sequence
         self.retry_after, self.retry_after_ms, self.slow_s = retry_after, retry_after_ms, slow_s
         self.lock = threading.Lock()
         self.arrivals: list[float] = []  # monotonic arrival time of every request
@@ -86,6 +93,7 @@ class FakeJudgeServer:
         self.story_arrivals: dict[str, list[tuple[float, str]]] = {}  # story -> [(time, outcome)]
         self.auth_headers: set[str] = set()
         self.over_limit = 0
+        self.refused_at: list[float] = []  # arrival time of every request refused for the limit
         self.in_flight = self.max_in_flight = 0
         self.default_mode: str | None = None  # e.g. "500" to simulate a dead endpoint
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
@@ -127,11 +135,29 @@ class FakeJudgeServer:
             recent = len(self.arrivals) - bisect.bisect_right(self.arrivals, now - self.rate_window_s)
             if self.rate_limit is not None and recent > self.rate_limit:
                 self.over_limit += 1
+                self.refused_at.append(now)
                 mode = "over_limit"
             else:
                 mode = self._choose(story, k)
             self.story_arrivals.setdefault(story, []).append((now, mode))
             return now, mode
+
+    def _transit(self) -> None:
+        """Hold the request back as if it were still on the wire (before it is counted)."""
+        if self.transit_s or self.transit_jitter_s:
+            with self.lock:
+                extra = self.transit_rng.random() * self.transit_jitter_s
+            time.sleep(self.transit_s + extra)
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        """OpenAI-style rate-limit headers for an over-limit refusal (limit per minute, 0 left,
+        time until the oldest arrival in the window leaves it)."""
+        with self.lock:
+            start = bisect.bisect_right(self.arrivals, now - self.rate_window_s)
+            oldest = self.arrivals[start] if start < len(self.arrivals) else now
+        reset = max(0.0, oldest + self.rate_window_s - now)
+        return {"x-ratelimit-limit-requests": f"{(self.rate_limit or 0) * 60 / self.rate_window_s:g}",
+                "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset * 1000:.0f}ms"}
 
     def _handler(self):
         server = self
@@ -143,11 +169,16 @@ class FakeJudgeServer:
                 pass
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                except ValueError:  # the client gave up (timed out) before its body was sent
+                    self.close_connection = True
+                    return
                 server.auth_headers.add(self.headers.get("Authorization", ""))
                 user = body["messages"][-1]["content"]
                 m = _STORY.search(user)
                 nonce, story = (m.group(1), m.group(2)) if m else ("", "")
+                server._transit()
                 now, mode = server._admit(story)
                 try:
                     if server.latency_s:
@@ -166,6 +197,8 @@ class FakeJudgeServer:
             headers = {"Retry-After": self.retry_after}
             if self.retry_after_ms:
                 headers["retry-after-ms"] = self.retry_after_ms
+            if mode == "over_limit" and self.ratelimit_headers:
+                headers.update(self._limit_headers(now))
             return _send(h, 429, b'{"error": "rate limited"}', headers)
         if mode in ("500", "503"):
             return _send(h, int(mode), b'{"error": "server error"}')

@@ -1,13 +1,23 @@
-"""`rlsys judge score` (rlsys.judge.cli.main): output per input, resume, summary, start-up errors."""
+"""`rlsys judge score` (rlsys.judge.cli.main): output per input, resume (also after SIGKILL), no
+chunk barrier, summary, start-up errors."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from judge_helpers import story
 from fake_judge_server import expected_sq
-from rewards.judge_rubric import visible_story
+from rewards.judge_rubric import POLARIS_RUBRIC, judge_visible_prompt, visible_story
+from rlsys.judge.cache import cache_key
 from rlsys.judge.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_config(path, base_url, **extra) -> str:
@@ -74,3 +84,73 @@ def test_start_up_errors_exit_2_and_name_the_problem(tmp_path, capsys, monkeypat
     cfg_ok = _write_config(tmp_path / "ok.yaml", "http://127.0.0.1:9/v1")
     assert main(["score", cfg_ok, "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "duplicate id" in capsys.readouterr().err
+
+
+def test_a_retrying_story_holds_back_no_other(judge_server, tmp_path):
+    """No chunk barrier: while one story waits out a slow reply, the next stories keep going."""
+    srv = judge_server(slow_s=1.5)
+    cfg = _write_config(tmp_path / "judge.yaml", srv.base_url)
+    rows = [{"id": f"s{i}", **story(i, "[[FAULTS:slow]]" if i == 0 else "")} for i in range(40)]
+    inp, out = tmp_path / "stories.jsonl", tmp_path / "scores.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", cfg, "--input", str(inp), "--output", str(out), "--in-flight", "4", "--no-progress"]) == 0
+    (t_slow, mode), = srv.story_arrivals[visible_story(rows[0]["story"])]
+    assert mode == "slow"
+    during = [t for t in srv.arrivals if t_slow < t < t_slow + 1.4]
+    assert len(during) >= 20, len(during)  # chunks of 4 would have waited for the slow one: ~3
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in rows]  # input order
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "rlsys.judge.cli", "score", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_run_then_resume_repeats_no_answered_request(judge_server, tmp_path):
+    """Kill the real CLI process mid-run: the output and the cache journal are readable, and the
+    resumed run sends nothing for a story whose result was already written (output or cache)."""
+    srv = judge_server(latency_s=0.02)
+    # 10 requests per second: the run lasts ~4 s, long enough to be killed in the middle
+    cfg = _write_config(tmp_path / "judge.yaml", srv.base_url, requests_per_minute=600, rate_window_s=1.0,
+                        window_margin_s=0.0, max_concurrency=4)
+    rows = [{"id": f"s{i}", **story(i)} for i in range(40)]
+    inp, out = tmp_path / "stories.jsonl", tmp_path / "scores.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    journal = tmp_path / "scores.jsonl.cache.json.journal"
+
+    proc = _cli(cfg, "--input", str(inp), "--output", str(out), "--no-progress", "--in-flight", "16")
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 12:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+    lines = out.read_bytes().split(b"\n")
+    written = [json.loads(x) for x in lines[:-1]]  # every complete line parses (a torn tail is cut on resume)
+    assert 12 <= len(written) < len(rows)
+    journaled = {json.loads(x)["key"] for x in journal.read_text().splitlines() if x.endswith("}")}
+    fingerprint = POLARIS_RUBRIC.fingerprint()
+    key = {r["id"]: cache_key("fake-judge", fingerprint, judge_visible_prompt(r["prompt"]), visible_story(r["story"]))
+           for r in rows}
+    answered = {r["id"] for r in written} | {i for i, k in key.items() if k in journaled}
+    assert len(journaled) >= len(written)  # a verdict is journaled before its output line
+    before = dict(srv.per_story)
+
+    assert main(["score", cfg, "--input", str(inp), "--output", str(out), "--no-progress"]) == 0
+    final = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in final] == [r["id"] for r in rows]  # one line each, input order
+    for r, rec in zip(rows, final):
+        assert rec["score"] == expected_sq(visible_story(r["story"]))
+    resent = {r["id"] for r in rows if srv.per_story[visible_story(r["story"])] != before.get(visible_story(r["story"]), 0)}
+    assert resent and not (resent & answered)  # only stories without an answer on disk were judged again
+    # judged twice: only requests on the wire when the process died (max_concurrency of them)
+    assert sum(n > 1 for n in srv.per_story.values()) <= 4
+    assert not journal.exists() and (tmp_path / "scores.jsonl.cache.json").exists()  # journal folded in

@@ -17,7 +17,8 @@ from rlsys.judge.cache import JudgeCache, cache_key
 from rlsys.judge.config import JudgeConfig, JudgeConfigError, MissingApiKeyError, judge_config_from_dict, load_judge_config
 from rlsys.judge.limiter import Limits, LimiterCore, LocalLimiter, Permit, PermitTooLarge, limits_for
 from rlsys.judge.metrics import JudgeMetrics, percentile
-from rlsys.judge.resilience import CircuitBreaker, backoff_delay, parse_retry_after
+from rlsys.judge.resilience import (CircuitBreaker, ServerLimits, backoff_delay, parse_duration,
+                                    parse_rate_limit_headers, parse_retry_after)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,21 +26,51 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------- limiter
 
 
-def test_core_request_window_and_margin():
-    core = LimiterCore(Limits(requests=3, tokens=None, concurrency=100, window_s=1.0, margin_s=0.1))
+def test_core_window_counts_until_the_response_is_in():
+    """A permit stays in the log from its grant until window + margin after its release: the
+    server counts a request when it arrives, which can be any time before the response."""
+    core = LimiterCore(Limits(requests=3, tokens=None, concurrency=100, window_s=1.0, margin_s=0.1, lease_s=50.0))
     grants = [core.try_acquire(1, 0.0) for _ in range(3)]
     assert all(isinstance(g, Permit) for g in grants)
-    wait = core.try_acquire(1, 0.5)
-    assert wait == pytest.approx(0.6)  # oldest grant + window + margin - now
-    assert isinstance(core.try_acquire(1, 0.99), float)
-    assert isinstance(core.try_acquire(1, 1.1), Permit)
+    assert core.try_acquire(1, 1.5) == pytest.approx(50.0 + 1.1 - 1.5)  # none released: until a lease ends
+    for g, t in zip(grants, (0.2, 0.3, 2.0)):
+        core.release(g.id, now=t)
+    assert core.try_acquire(1, 1.25) == pytest.approx(0.2 + 1.1 - 1.25)  # the first response + window + margin
+    assert isinstance(core.try_acquire(1, 1.3), Permit)
+    assert isinstance(core.try_acquire(1, 1.35), float)  # the 3rd response came in late: still in the window
+    assert isinstance(core.try_acquire(1, 1.41), Permit)  # the second one has left
+
+
+def test_core_abandoned_or_unanswered_permits_count_longer():
+    core = LimiterCore(Limits(requests=1, tokens=None, concurrency=5, window_s=1.0, lease_s=5.0, late_s=0.5))
+    core.try_acquire(1, 0.0)  # its holder dies and never releases it
+    assert core.try_acquire(1, 5.5) == pytest.approx(1.0)  # lease end (5) + window (1) + late (0.5) - now
+    p = core.try_acquire(1, 6.5)
+    core.release(p.id, answered=False, now=7.0)  # timed out: the request may still reach the server
+    assert core.try_acquire(1, 8.2) == pytest.approx(7.0 + 1.0 + 0.5 - 8.2)
+    p = core.try_acquire(1, 8.5)
+    core.release(p.id, now=9.0)  # answered: it has certainly arrived
+    assert isinstance(core.try_acquire(1, 10.0), Permit)
+
+
+def test_core_cap_lowers_but_never_raises_the_budget():
+    core = LimiterCore(Limits(requests=10, tokens=1000, concurrency=100, window_s=1.0))
+    assert core.cap(requests=4, tokens=None) and core.limits.requests == 4 and core.limits.tokens == 1000
+    assert not core.cap(requests=4)
+    assert core.cap(requests=50, tokens=200) and (core.limits.requests, core.limits.tokens) == (10, 200)
+    ps = [core.try_acquire(1, 0.0) for _ in range(10)]
+    assert all(isinstance(p, Permit) for p in ps)
+    assert core.cap(requests=3)  # already 10 in the window: wait until 8 of them have left
+    for n, p in enumerate(ps):
+        core.release(p.id, now=0.1 * n)
+    assert core.try_acquire(1, 1.0) == pytest.approx(0.1 * 7 + 1.0 - 1.0)
 
 
 def test_core_tokens_reconciled_and_too_large():
     core = LimiterCore(Limits(requests=100, tokens=1000, concurrency=100, window_s=1.0))
     a = core.try_acquire(600, 0.0)
     assert isinstance(core.try_acquire(600, 0.1), float)  # 1200 > 1000
-    core.release(a.id, actual_tokens=200)  # the reply used less than reserved
+    core.release(a.id, actual_tokens=200, now=0.15)  # the reply used less than reserved
     assert isinstance(core.try_acquire(600, 0.2), Permit)
     with pytest.raises(PermitTooLarge):
         core.try_acquire(1001, 0.3)
@@ -49,7 +80,7 @@ def test_core_concurrency_lease_and_pause():
     core = LimiterCore(Limits(requests=100, tokens=None, concurrency=2, window_s=1.0, lease_s=5.0))
     a, _ = core.try_acquire(1, 0.0), core.try_acquire(1, 0.0)
     assert core.try_acquire(1, 0.1) == pytest.approx(4.9)  # until a lease expires
-    core.release(a.id)
+    core.release(a.id, now=0.15)
     assert isinstance(core.try_acquire(1, 0.2), Permit)
     assert isinstance(core.try_acquire(1, 5.5), Permit)  # an abandoned lease expired
     core.pause(2.0, 6.0)
@@ -60,7 +91,7 @@ def test_core_refunds_an_unsent_permit():
     core = LimiterCore(Limits(requests=1, tokens=100, concurrency=5, window_s=1.0))
     p = core.try_acquire(60, 0.0)
     assert isinstance(core.try_acquire(1, 0.1), float)
-    core.release(p.id, sent=False)  # never sent: request slot and tokens both come back
+    core.release(p.id, sent=False, now=0.15)  # never sent: request slot and tokens both come back
     assert isinstance(core.try_acquire(100, 0.2), Permit)
 
 
@@ -116,6 +147,17 @@ def test_retry_after_forms():
     assert parse_retry_after({}, now) is None
 
 
+def test_rate_limit_headers_say_what_the_whole_quota_allows():
+    assert [parse_duration(v) for v in ("20ms", "1.5s", "6m0s", "1h2m3s", "2", "soon", "1sx", "")] == \
+        [0.02, 1.5, 360.0, 3723.0, 2.0, None, None, None]
+    h = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
+         "x-ratelimit-reset-requests": "350ms", "x-ratelimit-limit-tokens": "90000",
+         "x-ratelimit-remaining-tokens": "12", "x-ratelimit-reset-tokens": "2s"}
+    assert parse_rate_limit_headers(h) == ServerLimits(600.0, 90000.0, 0.35)  # tokens left: only requests block
+    assert parse_rate_limit_headers({"x-ratelimit-remaining-requests": "5"}) == ServerLimits()
+    assert parse_rate_limit_headers({"x-ratelimit-limit-requests": "lots"}) == ServerLimits()
+
+
 def test_circuit_breaker_cycle():
     cb = CircuitBreaker(threshold=2, reset_after_s=10)
     assert cb.before(0) == 0 and not cb.failure(0)
@@ -157,6 +199,29 @@ def test_cache_roundtrip_and_atomic_save(tmp_path):
     fresh = JudgeCache()
     assert fresh.load(path) == 1 and fresh.get("k1") == {"score": 0.5, "overall": 50}
     assert JudgeCache().load(tmp_path / "missing.json") == 0
+
+
+def test_cache_journal_appends_survives_a_torn_tail_and_folds_into_the_snapshot(tmp_path):
+    path = tmp_path / "cache.json"
+    c = JudgeCache()
+    c.put("k0", {"score": 0.1})
+    c.save(path)
+    c.journal(path)
+    c.put("k1", {"score": 0.2, "overall": 20})
+    c.put("k2", {"score": 0.3})
+    journal = tmp_path / "cache.json.journal"
+    with journal.open("a") as f:  # a crash in the middle of a line
+        f.write('{"key": "k3", "verd')
+    fresh = JudgeCache()
+    assert fresh.load(path) == 3 and fresh.get("k1") == {"score": 0.2, "overall": 20} and "k3" not in fresh
+    fresh.journal(path)  # the torn tail is cut off, so the next entry starts on its own line
+    fresh.put("k4", {"score": 0.4})
+    fresh.save(path)  # folds the journal into the snapshot
+    fresh.close_journal()
+    assert not journal.exists()
+    again = JudgeCache()
+    assert again.load(path) == 4 and again.get("k4") == {"score": 0.4}
+    c.close_journal()
 
 
 # ---------------------------------------------------------------------- metrics

@@ -1,5 +1,5 @@
-"""Real local Ray: several JudgeWorker actors share one cluster-wide limiter; autoscaling;
-a worker killed mid-run loses no story."""
+"""Real local Ray: several JudgeWorker actors share one cluster-wide limiter (also with requests
+delayed in transit); autoscaling; a worker killed mid-run loses no story."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from rlsys.judge.pool import JudgeScorer
 
 
 def test_limit_is_cluster_wide_across_workers(ray_local, judge_server):
-    srv = judge_server(rate_limit=8, rate_window_s=0.5, latency_s=0.05)
+    # Permits travel limiter actor -> worker and requests 0-0.1 s in transit; no margin is needed:
+    # each request counts in the one log until its response is back at its worker.
+    srv = judge_server(rate_limit=8, rate_window_s=0.5, latency_s=0.05, transit_jitter_s=0.1)
     cfg = fast_config(srv.base_url, name="cluster", api_key_env=TEST_KEY_ENV, requests_per_minute=960,
-                      rate_window_s=0.5, window_margin_s=0.3, max_concurrency=3, tokens_per_minute=120 * 8000,
+                      rate_window_s=0.5, window_margin_s=0.0, max_concurrency=3, tokens_per_minute=120 * 8000,
                       workers={"min_workers": 2, "max_workers": 2, "chunk_size": 4, "target_backlog_per_worker": 8})
     items = [story(i, "[[FAULTS:500]]" if i % 9 == 0 else "") for i in range(64)]
     with JudgeScorer(cfg, backend="ray", namespace="judge-test-a") as scorer:
