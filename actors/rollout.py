@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from actors.rollout_convert import convert_request_output, make_sampling_params
 
@@ -114,7 +114,7 @@ class RolloutWorker:
             # pay it here so the first rollout batch's timing is representative.
             self.llm.generate([{"prompt_token_ids": [0, 1]}],
                               make_sampling_params({"max_new_tokens": 2}, 1, 0), use_tqdm=False)
-        self._version = 0
+        self._version, self._calls = 0, 0
         self._stats: dict[str, float] = {"generate_calls": 0, "generate_seconds": 0.0,
                                          "prompt_tokens": 0, "generated_tokens": 0,
                                          "skipped_prompts": 0, "updates": 0, "update_seconds": 0.0}
@@ -147,34 +147,74 @@ class RolloutWorker:
         A prompt with no room for `max_new_tokens` is returned with `skipped` set and no
         samples instead of failing the batch. With `references` (one text or None per prompt),
         each prompt's reference comes back as `reference` (`encode_reference`)."""
+        results: list[dict[str, Any]] = [{} for _ in prompts]
+        for i, result in self.generate_stream(prompts, sampling, n, references):
+            results[i] = result
+        return results
+
+    def generate_stream(self, prompts: Sequence[list[dict[str, str]]], sampling: dict[str, Any], n: int,
+                        references: Sequence[str | None] | None = None,
+                        indices: Sequence[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """`generate`, streamed: yields `(index, result)` for each prompt as soon as its whole
+        group has finished (skipped prompts first). Every prompt enters the engine's batch at
+        once, so the decode batch is as large as the call allows, and the caller can score the
+        first groups while the engine still decodes the rest (as a Ray streaming generator:
+        `.options(num_returns="streaming")`).
+
+        `indices` (default 0..len-1) are the prompts' indices in the caller's request: they
+        name the results and seed the samples (`make_sampling_params`), so re-issuing a subset
+        of a request after an engine failure draws each prompt's samples with the same seeds."""
+        from vllm.sampling_params import RequestOutputKind
+
         t0 = time.perf_counter()
-        limit = self.max_model_len - int(sampling["max_new_tokens"])
-        results: list[dict[str, Any]] = []
-        todo: list[tuple[int, list[int]]] = []
-        for i, messages in enumerate(prompts):
-            ids = self.encode_prompt(messages)
-            skipped = None if len(ids) <= limit else f"prompt_too_long: {len(ids)} > {limit} tokens"
-            results.append({"prompt_token_ids": ids, "skipped": skipped, "samples": [],
-                            "policy_version": self._version})
-            if skipped is None:
-                todo.append((i, ids))
-        if todo:
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": ids} for _, ids in todo],
-                [make_sampling_params(sampling, n, i) for i, _ in todo],
-                use_tqdm=False,
-            )
-            for (i, _), out in zip(todo, outputs):
-                results[i]["samples"] = convert_request_output(out)
-                if references is not None and references[i] is not None:
-                    results[i]["reference"] = self.encode_reference(references[i], int(sampling["max_new_tokens"]))
+        indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+        if len(indices) != len(prompts) or (references is not None and len(references) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices / "
+                             f"{'no' if references is None else len(references)} references")
+        max_new = int(sampling["max_new_tokens"])
+        limit = self.max_model_len - max_new
+        engine = self.llm.llm_engine
+        self._calls += 1
+        requests: dict[str, int] = {}  # request id -> position in `prompts`
+        pending: dict[int, list[int]] = {}
         st = self._stats
         st["generate_calls"] += 1
-        st["generate_seconds"] += time.perf_counter() - t0
-        st["skipped_prompts"] += len(prompts) - len(todo)
-        st["prompt_tokens"] += sum(len(ids) for _, ids in todo)
-        st["generated_tokens"] += sum(len(s["token_ids"]) for r in results for s in r["samples"])
-        return results
+        try:
+            skipped: list[tuple[int, dict[str, Any]]] = []
+            for k, messages in enumerate(prompts):
+                ids = self.encode_prompt(messages)
+                if len(ids) > limit:
+                    skipped.append((indices[k], {"prompt_token_ids": ids, "samples": [], "policy_version": self._version,
+                                                 "skipped": f"prompt_too_long: {len(ids)} > {limit} tokens"}))
+                    continue
+                params = make_sampling_params(sampling, n, indices[k])
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output with all n samples, as LLM.generate asks
+                rid = f"rlsys-{self._calls}-{k}"
+                engine.add_request(rid, {"prompt_token_ids": ids}, params)
+                requests[rid], pending[k] = k, ids
+                st["prompt_tokens"] += len(ids)
+            st["skipped_prompts"] += len(skipped)
+            yield from skipped
+            while pending:
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM engine finished without {len(pending)} of this call's requests")
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    k = requests.pop(out.request_id, None)
+                    if k is None:  # not this call's (nothing else adds requests; never seen)
+                        log.warning("ignoring finished vLLM request %s of no current call", out.request_id)
+                        continue
+                    result = {"prompt_token_ids": pending.pop(k), "skipped": None, "policy_version": self._version,
+                              "samples": convert_request_output(out)}
+                    if references is not None and references[k] is not None:
+                        result["reference"] = self.encode_reference(references[k], max_new)
+                    st["generated_tokens"] += sum(len(s["token_ids"]) for s in result["samples"])
+                    yield indices[k], result
+        finally:
+            if requests:  # the consumer stopped early: leave no half-done requests in the engine
+                engine.abort_request(list(requests))
+            st["generate_seconds"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ weights
 

@@ -40,6 +40,15 @@ def actor_env(cpu_share: int | None = None) -> dict:
     return env
 
 
+def engine_shares(n_prompts: int, n_engines: int) -> list[list[int]]:
+    """Which of a step's prompts (positions) each engine generates: all of an engine's share in
+    ONE call, so they are decoded in one batch. A decode step costs about the same for 8 or 16
+    sequences (it reads every weight once either way), so splitting a share into chunks, as
+    the driver once did to overlap scoring, halved generation speed; the overlap now comes
+    from streaming groups back as they finish. Shares differ by at most one prompt."""
+    return [list(range(e, n_prompts, n_engines)) for e in range(min(n_engines, n_prompts))]
+
+
 @ray.remote
 def _rendezvous() -> tuple[str, int]:
     """Address and a free port of the node this runs on (learner rank 0's)."""
@@ -47,10 +56,14 @@ def _rendezvous() -> tuple[str, int]:
 
 
 class GRPORun:
-    def __init__(self, cfg: RunConfig, model_dir: str):
+    def __init__(self, cfg: RunConfig, model_dir: str, *, learners: bool = True):
+        """Start every actor of the run. `learners=False` starts the engines and reward actors
+        only (no learner ranks, no weight-sync group): `generate_and_score` works, training does
+        not; benchmarks/rollout_overhead.py measures the rollout path so."""
         self.cfg, self.version, self.actors, self.restarts = cfg, 0, ActorDirectory(), 0
+        self.learner_pg = None
         check_local_head_fits(actor_demands(cfg))
-        self.learners = self._start_learners(model_dir)
+        self.learners = self._start_learners(model_dir) if learners else []
         self.rollouts = self._start_rollouts(model_dir)
         self.rewarders = self._start_rewarders()
         for kind, group in (("learner rank", self.learners), ("rollout engine", self.rollouts),
@@ -60,7 +73,8 @@ class GRPORun:
         every = self.learners + self.rollouts + self.rewarders
         self._get([a.__ray_ready__.remote() for a in every], "starting the actors", cfg.cluster.startup_timeout_s)
         self.actors.locate(every, cfg.cluster.startup_timeout_s)
-        self._init_weight_sync()
+        if self.learners:
+            self._init_weight_sync()
 
     def _get(self, refs, what: str, timeout_s: float | None = None):
         """Every wait on an actor: a deadline, and a failure that names the actor (rlsys.cluster)."""
@@ -136,80 +150,115 @@ class GRPORun:
         self._get(refs, "forming the weight-sync group", t)
         log.info("weight sync group ready: %s over %s, %d tensors", backend, f"{host}:{port}", len(self.metas))
 
-    def generate_and_score(self, examples: list) -> tuple[list[list[dict]], dict[str, float]]:
-        """Generate a group per example and score each chunk as soon as it is generated.
+    def generate_and_score(self, examples: list, seed_round: int | None = None
+                           ) -> tuple[list[list[dict]], dict[str, float]]:
+        """Generate a group per example, scoring the groups that are complete while the engines
+        still generate the rest.
 
-        Returns every generated group (lists of sample dicts carrying reward_<channel>, `valid`
-        and `mask_reason`; `rlsys.batching.screen_groups` decides which are usable) and timings.
-        A rollout engine or reward actor that dies meanwhile is replaced (`_replace`) and its
-        chunk re-issued with the same seed, so no group is lost and none is counted twice.
+        Each engine gets its whole share of the step's prompts in one call (`engine_shares`), so
+        they all sit in its decode batch together, and streams each group back as soon as it
+        is complete (`RolloutWorker.generate_stream`). Whatever groups have arrived go to a
+        reward actor as soon as one is idle: scoring overlaps generation, and scoring calls
+        grow when scoring is slower than generation.
+
+        Returns every generated group in `examples` order (lists of sample dicts carrying
+        reward_<channel>, `valid` and `mask_reason`; `rlsys.batching.screen_groups` decides
+        which are usable) and timings. A rollout engine or reward actor that dies meanwhile is
+        replaced (`_replace`); the prompts whose groups had not come back are re-issued with
+        the same seeds and unscored groups are scored again, so no group is lost and none is
+        counted twice.
         """
         rc = self.cfg.rollout
         sampling = dict(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                         repetition_penalty=rc.repetition_penalty, max_new_tokens=rc.max_new_tokens)
-        # Two chunks per engine: the first chunk's rewards are computed while the second generates.
-        n_chunks = min(len(examples), 2 * len(self.rollouts))
-        chunks = [examples[i::n_chunks] for i in range(n_chunks)]
+        shares = engine_shares(len(examples), len(self.rollouts))
+        # Seeds follow the step's round (default: the policy version, which is the same thing in
+        # a synchronous run; a prefetched step runs at the previous version and needs its own).
+        seed_key = self.version if seed_round is None else seed_round
         restarts_before = self.restarts
-
         hri = self.cfg.algorithm.reference_injection
 
-        def generate(i: int):  # chunk i always on engine i % E with the same seed
-            eng = self.rollouts[i % len(self.rollouts)]
-            refs = [example_fields(e)[hri.field] for e in chunks[i]] if hri.enabled else None
-            return eng.generate.remote([e.messages for e in chunks[i]],
-                                       dict(sampling, seed=self.cfg.seed + self.version * 1000 + i), rc.group_size,
-                                       refs), eng
+        def generate(e: int, todo: list[int]):
+            """Engine e's prompts `todo` (positions in its share); share e always goes to engine e
+            with the same seed, and a prompt's samples are seeded by its position in the share."""
+            eng = self.rollouts[e]
+            share = [examples[k] for k in shares[e]]
+            refs = [example_fields(share[j])[hri.field] for j in todo] if hri.enabled else None
+            stream = eng.generate_stream.options(num_returns="streaming").remote(
+                [share[j].messages for j in todo], dict(sampling, seed=self.cfg.seed + seed_key * 1000 + e),
+                rc.group_size, refs, todo)
+            return stream, eng
 
-        def score(i: int, groups_in: list):
-            rewarder = self.rewarders[i % len(self.rewarders)]
+        def score(r: int, batch: list[int]):
+            rewarder = self.rewarders[r]
+            groups_in = [{"texts": [s["text"] for s in outs[k]["samples"]], "example": example_fields(examples[k])}
+                         for k in batch]
             return rewarder.score_groups.remote(groups_in), rewarder
 
         t0 = time.perf_counter()
-        pending = {}
-        for i in range(n_chunks):
-            ref, eng = generate(i)
-            pending[ref] = (i, eng)
-        scoring, gen_done_at = {}, t0
-        while pending:
+        streams = {}   # ObjectRefGenerator -> (engine index, engine)
+        for e in range(len(shares)):
+            stream, eng = generate(e, list(range(len(shares[e]))))
+            streams[stream] = (e, eng)
+        outs: dict[int, dict] = {}      # example position -> the engine's result for it
+        unscored: list[int] = []        # positions generated, not yet sent to a reward actor
+        scoring = {}                    # ref -> (reward actor index, reward actor, positions)
+        scored: dict[int, dict] = {}    # position -> that group's rewards
+        gen_done_at = t0
+        while streams or unscored or scoring:
+            busy = {r for r, _, _ in scoring.values()}
+            idle = [r for r in range(len(self.rewarders)) if r not in busy]
+            if unscored and idle:
+                ref, rewarder = score(idle[0], unscored)
+                scoring[ref] = (idle[0], rewarder, unscored)
+                unscored = []
             deadline = self.cfg.cluster.actor_timeout_s
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=deadline)
+            ready, _ = ray.wait([*streams, *scoring], num_returns=1, timeout=deadline)
             if not ready:
-                raise ActorFailure(f"generation: no rollout engine answered within {deadline:.0f}s "
-                                   "(cluster.actor_timeout_s)")
-            i, eng = pending.pop(ready[0])
-            try:
-                outs = ray.get(ready[0])  # ready: returns at once
-            except RayActorError as e:
-                self._replace("rollout", i % len(self.rollouts), eng, e)
-                ref, eng = generate(i)
-                pending[ref] = (i, eng)
-                continue
-            gen_done_at = time.perf_counter()
-            kept = [(e, o) for e, o in zip(chunks[i], outs) if not o.get("skipped")]
-            for _, o in kept:  # the injected reference is the group's last member (HRI)
-                o["samples"] += [o.pop("reference")] if "reference" in o else []
-            groups_in = [{"texts": [s["text"] for s in o["samples"]], "example": example_fields(e)} for e, o in kept]
-            scoring[i] = (*score(i, groups_in), groups_in, kept, len(outs) - len(kept))
-        groups, skipped = [], 0
-        for i, (ref, rewarder, groups_in, kept, n_skipped) in scoring.items():
-            while True:
+                waiting = [self.actors.name(a._actor_id.hex()) for a in
+                           [eng for _, eng in streams.values()] + [rw for _, rw, _ in scoring.values()]]
+                raise ActorFailure(f"generation and scoring: no answer within {deadline:.0f}s "
+                                   f"(cluster.actor_timeout_s) from {', '.join(waiting)}")
+            if ready[0] in scoring:
+                r, rewarder, batch = scoring.pop(ready[0])
                 try:
-                    scored_groups = get_with_deadline(ref, "reward scoring", self.cfg.cluster.actor_timeout_s,
-                                                      self.actors, reraise=(RayActorError,))
-                    break
-                except RayActorError as e:
-                    self._replace("reward", i % len(self.rewarders), rewarder, e)
-                    ref, rewarder = score(i, groups_in)
-            skipped += n_skipped
-            for (e, o), scored in zip(kept, scored_groups):
-                valid = scored.pop("valid", None) or [True] * len(o["samples"])
-                reasons = scored.pop("mask_reason", None) or [None] * len(o["samples"])
-                groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
-                                    is_reference=bool(s.get("is_reference")),
-                                    prompt_token_ids=o["prompt_token_ids"], valid=valid[j], mask_reason=reasons[j],
-                                    **{f"reward_{c}": v[j] for c, v in scored.items()})
-                               for j, s in enumerate(o["samples"])])
+                    scored.update(zip(batch, ray.get(ready[0])))
+                except RayActorError as err:
+                    self._replace("reward", r, rewarder, err)
+                    unscored = batch + unscored
+                continue
+            stream = ready[0]
+            e, eng = streams.pop(stream)
+            try:
+                j, out = ray.get(next(stream))
+            except StopIteration:  # engine e's share is all back
+                continue
+            except RayActorError as err:
+                self._replace("rollout", e, eng, err)
+                stream, eng = generate(e, [j for j, k in enumerate(shares[e]) if k not in outs])
+                streams[stream] = (e, eng)
+                continue
+            streams[stream] = (e, eng)
+            gen_done_at = time.perf_counter()
+            k = shares[e][j]
+            outs[k] = out
+            if not out.get("skipped"):  # the injected reference is the group's last member (HRI)
+                out["samples"] += [out.pop("reference")] if "reference" in out else []
+                unscored.append(k)
+        groups, skipped = [], 0
+        for k, e in enumerate(examples):
+            o = outs[k]
+            if o.get("skipped"):
+                skipped += 1
+                continue
+            rewards = scored[k]
+            valid = rewards.pop("valid", None) or [True] * len(o["samples"])
+            reasons = rewards.pop("mask_reason", None) or [None] * len(o["samples"])
+            groups.append([dict(s, prompt_uid=e.uid, sample=j, policy_version=o["policy_version"],
+                                is_reference=bool(s.get("is_reference")),
+                                prompt_token_ids=o["prompt_token_ids"], valid=valid[j], mask_reason=reasons[j],
+                                **{f"reward_{c}": v[j] for c, v in rewards.items()})
+                           for j, s in enumerate(o["samples"])])
         t1 = time.perf_counter()
         tokens = sum(len(s["token_ids"]) for g in groups for s in g if not s.get("is_reference"))
         return groups, {"time/generate": gen_done_at - t0, "time/reward_wait": t1 - gen_done_at,
@@ -236,7 +285,7 @@ class GRPORun:
         self.actors.add(new, f"{'rollout engine' if kind == 'rollout' else 'reward actor'} {i}")
         self._get(new.__ray_ready__.remote(), f"restarting {name}", self.cfg.cluster.startup_timeout_s)
         self.actors.locate([new], self.cfg.cluster.startup_timeout_s)
-        if kind == "rollout":
+        if kind == "rollout" and self.learners:
             self._init_weight_sync()
             self._push_weights()  # the new engine joins at the current policy version
 
@@ -246,7 +295,8 @@ class GRPORun:
         learner ranks by tokens."""
         t0 = time.perf_counter()
         parts = split_mini_batches(samples, self.cfg.algorithm.mini_batches, self._update_rng())
-        return self._update([split_for_ranks(p, len(self.learners)) for p in parts], t0)
+        keep = self.cfg.learner.shared_prompt
+        return self._update([split_for_ranks(p, len(self.learners), keep_groups=keep) for p in parts], t0)
 
     def train_pairs(self, pairs: list[tuple[dict, dict]]) -> dict[str, float]:
         """One preference update on the step's (chosen, rejected) pairs: `algorithm.mini_batches`
@@ -324,4 +374,5 @@ class GRPORun:
                 log.warning("actor shutdown: %s", e)
         for a in self.learners + self.rollouts + self.rewarders:
             ray.kill(a)
-        remove_placement_group(self.learner_pg)
+        if self.learner_pg is not None:
+            remove_placement_group(self.learner_pg)
