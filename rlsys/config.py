@@ -295,6 +295,16 @@ class AlgorithmConfig(Strict):
     """Human reference injection (POLARIS-9B's HRI); off by default."""
     preference: PreferenceConfig = PreferenceConfig()
     """Pairs and loss settings of a preference loss (`loss: dpo`)."""
+    max_staleness: int = Field(default=0, ge=0)
+    """How many policy versions old a sample may be when trained on. 0: synchronous (each step
+    trains on samples of the current policy). k >= 1: the engines generate the next step's
+    groups while the learner trains (up to k steps ahead), so samples are up to k versions old;
+    a group older than k is dropped and counted (`async/dropped_stale_groups`)."""
+    tis_cap: float | None = Field(default=None, ge=1.0)
+    """Truncated importance sampling: each token's policy-gradient term is weighted by
+    min(exp(old log-prob - sampler log-prob), tis_cap), correcting for samples drawn by an older
+    policy (max_staleness > 0) and for sampler/learner numerical mismatch. null: off (2.0 is
+    the usual choice with max_staleness >= 1)."""
 
     @property
     def is_preference(self) -> bool:

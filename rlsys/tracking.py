@@ -24,7 +24,8 @@ ROLLOUT_TYPES = {"step": pa.int64(), "prompt_uid": pa.string(), "group": pa.int6
 # metric -> progress-bar label
 SHOWN_IN_BAR = {"reward/weighted": "R", "reward/fmt": "fmt", "reward/acc": "acc", "reward/len": "len",
                 "reward/div": "div", "reward/sq": "sq", "loss/total": "loss", "loss/kl": "kl",
-                "dpo/accuracy": "pair_acc", "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step"}
+                "dpo/accuracy": "pair_acc", "perf/gen_tokens_per_s": "gen_tok/s", "time/step": "s/step",
+                "async/staleness_mean": "stale", "async/step_over_slowest_stage": "step/slowest"}
 
 
 METRICS_LOG = "metrics.jsonl"

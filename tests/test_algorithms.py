@@ -129,3 +129,28 @@ def test_mean_baseline_estimator_subtracts_group_mean_only():
     r = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
     a = ADVANTAGE_ESTIMATORS["reinforce_mean"](r, torch.tensor([1.0, 2.0]), torch.tensor([True, True, True, False]))
     assert torch.allclose(a, torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_truncated_is_weights_and_their_effect_on_the_loss():
+    """min(pi_old / mu, cap) per token, 1 where the sampler gave no log-prob; the weights scale
+    each token's policy-gradient term (and its gradient), not the KL."""
+    from rlsys.algorithms.losses import truncated_is_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    beh = torch.tensor([[-1.0, -1.0, -2.0], [0.0, 0.0, 0.0]])
+    has = torch.tensor([[True, True, True], [False, False, False]])
+    w, truncated = truncated_is_weights(old, beh, has, cap=2.0)
+    want = torch.tensor([[1.0, math.exp(-1.0), 2.0], [1.0, 1.0, 1.0]])   # exp(1.5) = 4.48 -> capped at 2
+    assert torch.allclose(w, want) and truncated.tolist() == [[False, False, True], [False, False, False]]
+
+    loss_fn = POLICY_LOSSES["grpo_clip"]
+    mask = torch.ones(2, 3)
+    adv = torch.tensor([1.0, -0.5])
+    lp = old.clone().requires_grad_(True)
+    loss, _ = loss_fn(lp, old, adv, mask, is_weights=w)
+    loss.backward()
+    # At ratio 1 the surrogate's gradient per token is -A / n_tokens, now times w.
+    assert torch.allclose(lp.grad, -(adv[:, None] * want) / 6.0)
+    plain, _ = loss_fn(old.clone(), old, adv, mask)
+    assert float(loss) == pytest.approx(float(-(adv[:, None] * want).sum() / 6.0))
+    assert float(plain) == pytest.approx(float(-(adv[:, None] * torch.ones(2, 3)).sum() / 6.0))

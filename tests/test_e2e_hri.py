@@ -61,7 +61,7 @@ def test_reference_story_joins_each_group_teacher_forced(setup):
     from rlsys.data.loading import load_for_run
     from rlsys.data.stream import PromptStream
     from rlsys.driver import GRPORun
-    from rlsys.steps import grpo_step
+    from rlsys.steps import grpo_step, make_pipeline
 
     root, model_dir, data, judge_yaml, srv = setup
     cfg = load_config(base={
@@ -78,7 +78,8 @@ def test_reference_story_joins_each_group_teacher_forced(setup):
     run = GRPORun(cfg, model_dir)
     try:
         stream = PromptStream(list(examples.values()), shuffle=True, seed=cfg.seed)
-        steps = [grpo_step(run, stream, cfg, cfg.reward.active_channels()) for _ in range(2)]
+        channels = cfg.reward.active_channels()
+        steps = [grpo_step(run, make_pipeline(run, stream, cfg, channels), cfg, channels) for _ in range(2)]
     finally:
         run.shutdown()
 

@@ -52,12 +52,13 @@ def _pid(actor) -> int:
 
 def _step_with_kill(cfg, r, stream, victim, delay):
     """grpo_step in a thread; SIGKILL `victim`'s process `delay` s in. Returns (asked, samples, metrics)."""
-    from rlsys.steps import grpo_step
+    from rlsys.steps import grpo_step, make_pipeline
 
     pid = _pid(victim)
     state = dict(stream.state())
     out = {}
-    th = threading.Thread(target=lambda: out.update(zip(("samples", "metrics"), grpo_step(r, stream, cfg, ["share"]))))
+    pipeline = make_pipeline(r, stream, cfg, ["share"])
+    th = threading.Thread(target=lambda: out.update(zip(("samples", "metrics"), grpo_step(r, pipeline, cfg, ["share"]))))
     th.start()
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
@@ -81,11 +82,11 @@ def test_killed_engine_and_reward_actor_are_replaced(run):
 
     from rlsys.data.loading import load_for_config
     from rlsys.data.stream import PromptStream
-    from rlsys.steps import grpo_step
+    from rlsys.steps import grpo_step, make_pipeline
 
     cfg, r = run
     stream = PromptStream(load_for_config(cfg.data), shuffle=True, seed=cfg.seed)
-    _, m = grpo_step(r, stream, cfg, ["share"])
+    _, m = grpo_step(r, make_pipeline(r, stream, cfg, ["share"]), cfg, ["share"])
     assert m["recovery/actor_restarts"] == 0
 
     engine = r.rollouts[0]

@@ -181,7 +181,7 @@ class _FakeRun:
     def __init__(self):
         self.asked = []
 
-    def generate_and_score(self, examples):
+    def generate_and_score(self, examples, seed_round=None):
         self.asked.append(list(examples))
         groups = [[{"reward_a": float(e % 2) * j, "valid": True, "token_ids": [1] * 3, "prompt_uid": e}
                    for j in range(3)] for e in examples]
@@ -201,7 +201,7 @@ def test_refill_samples_more_prompts_until_the_step_is_full():
     from rlsys.steps import collect_groups
 
     run = _FakeRun()
-    groups, m = collect_groups(run, PromptStream(list(range(20)), shuffle=False, seed=0), _cfg(refill=True), ["a"])
+    groups, m = collect_groups(run, PromptStream(list(range(20)), shuffle=False, seed=0), _cfg(refill=True), ["a"], 1)
     # Prompts 0..3 keep 1 and 3; then 2 more asked (4, 5 -> keeps 5); then 1 (6 -> none); then 1 (7).
     assert [len(a) for a in run.asked] == [4, 2, 1, 1]
     assert [g[0]["prompt_uid"] for g in groups] == [1, 3, 5, 7]
@@ -212,11 +212,11 @@ def test_refill_samples_more_prompts_until_the_step_is_full():
     # Bounded: no more than max_refill_rounds extra rounds, then the step goes on short.
     run = _FakeRun()
     groups, m = collect_groups(run, PromptStream([0, 2, 4, 6, 8, 10, 12, 14, 1], shuffle=False, seed=0),
-                               _cfg(refill=True, max_refill_rounds=1), ["a"])
+                               _cfg(refill=True, max_refill_rounds=1), ["a"], 1)
     assert len(run.asked) == 2 and m["rollout/refill_rounds"] == 1 and groups == []
     # Without refill one round only; filter off keeps everything.
     run = _FakeRun()
-    groups, m = collect_groups(run, PromptStream(list(range(8)), shuffle=False, seed=0), _cfg(), ["a"])
+    groups, m = collect_groups(run, PromptStream(list(range(8)), shuffle=False, seed=0), _cfg(), ["a"], 1)
     assert len(run.asked) == 1 and len(groups) == 2
-    groups, m = collect_groups(_FakeRun(), PromptStream(list(range(8)), shuffle=False, seed=0), _cfg(enabled=False), ["a"])
+    groups, m = collect_groups(_FakeRun(), PromptStream(list(range(8)), shuffle=False, seed=0), _cfg(enabled=False), ["a"], 1)
     assert len(groups) == 4 and m["rollout/filtered_groups"] == 0

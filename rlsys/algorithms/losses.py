@@ -44,15 +44,31 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                         has_behaviour: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling weights min(pi_old / mu, cap) per token, where mu is the
+    policy that really sampled (the engine's log-probs: a stale policy version under
+    `algorithm.max_staleness`, and numerically another kernel even when current) and pi_old the
+    learner's log-probs before the update. Tokens without sampler log-probs (a teacher-forced
+    human reference) get weight 1. Returns (weights, truncated: bool mask of capped tokens)."""
+    log_w = (old_logprobs - behaviour_logprobs).clamp(-20.0, 20.0)
+    raw = torch.exp(log_w)
+    truncated = (raw > cap) & has_behaviour
+    w = torch.where(has_behaviour, raw.clamp(max=cap), torch.ones_like(raw))
+    return w.detach(), truncated
+
+
 @register_loss("grpo_clip")
 def grpo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, ref_logprobs: torch.Tensor | None = None, *, clip_low: float = 0.2,
                    clip_high: float = 0.28, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                   loss_agg: str = "token_mean", denominator: float | None = None
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+                   loss_agg: str = "token_mean", denominator: float | None = None,
+                   is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped surrogate with decoupled bounds [1-clip_low, 1+clip_high] and a KL penalty.
 
     `advantages` is per sequence ([B]) or per token ([B, T]). `denominator`: see masked_mean.
+    `is_weights` ([B, T], no gradient): per-token importance weights on the policy-gradient term
+    (truncated importance sampling, `truncated_is_weights`); the KL term is not reweighted.
     Returns (loss, metrics); metrics are local to this call.
     """
     if advantages.dim() == 1:
@@ -61,6 +77,8 @@ def grpo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
     pg = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
     loss = masked_mean(pg, mask, loss_agg, denominator)
     metrics = {
         "pg_loss": float(loss.detach()),
