@@ -11,7 +11,7 @@ FLAVOUR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/rlsys/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-polaris example test test-fast bench clean-venv
+.PHONY: install demo demo-polaris example test test-fast bench bench-deps clean-venv
 
 install: $(STAMP)
 
@@ -57,6 +57,15 @@ demo-polaris: install
 bench: install
 	$(PY) benchmarks/judge_throughput.py
 	$(PY) benchmarks/learning_curve.py
+	$(PY) benchmarks/rollout_overhead.py
+	$(PY) benchmarks/weight_sync.py
+	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0.
+	$(PY) benchmarks/e2e_vs_trl.py
+
+# TRL for benchmarks/e2e_vs_trl.py only, never a runtime dependency: into .bench-deps/ (the
+# benchmark's TRL subprocess puts it on sys.path), so .venv stays as `make install` made it.
+bench-deps: install
+	$(PIP) install --no-deps --upgrade --target .bench-deps -r requirements/bench.txt
 
 clean-venv:
 	rm -rf $(VENV)
