@@ -1,7 +1,8 @@
 """Ray actor shell around ``JudgeClient``: one per judge worker, scaled by the driver.
 
 All workers share the cluster's named limiter actor, so N workers together never exceed the
-configured RPM/TPM/concurrency. The API key is read from *this process's* environment (the
+configured RPM/TPM/concurrency; each worker's permits carry its ``holder`` tag, so they come back
+when the worker dies or its pool closes. The API key is read from *this process's* environment (the
 node's), never shipped through Ray (a runtime_env would store it in the GCS and the dashboard).
 """
 
@@ -22,14 +23,16 @@ from rlsys.judge.metrics import JudgeMetrics
 class JudgeWorker:
     """Scores (judge-visible prompt, story) pairs, one call per story, many calls concurrently."""
 
-    def __init__(self, cfg: dict[str, Any], limiter_handle: Any, rubric: Rubric = POLARIS_RUBRIC) -> None:
+    def __init__(self, cfg: dict[str, Any], limiter_handle: Any, rubric: Rubric = POLARIS_RUBRIC,
+                 holder: str | None = None) -> None:
         self.cfg = JudgeConfig.model_validate(cfg)
         self.metrics = JudgeMetrics(self.cfg.price_input_per_1m, self.cfg.price_output_per_1m)
         self.requests_sent = 0
         # Raises MissingApiKeyError naming the env var if this node lacks the key.
-        self.client = JudgeClient(self.cfg, RayLimiterClient(limiter_handle), self.metrics, rubric)
+        self.client = JudgeClient(self.cfg, RayLimiterClient(limiter_handle, holder), self.metrics, rubric)
 
     def ready(self) -> bool:
+        """Start-up check for the pool, liveness check for the limiter: keep it cheap."""
         return True
 
     async def score_one(self, prompt: str, story: str) -> tuple[dict[str, Any], dict[str, Any]]:

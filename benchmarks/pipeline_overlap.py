@@ -106,20 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="rlsys-pipeline-overlap-"))
     os.environ[TEST_KEY_ENV] = TEST_KEY   # a test key for the local server; the raylet passes it on
     srv = FakeJudgeServer(latency_s=a.judge_latency).start()
-    judges = {}
-    for mode in (0, 1):
-        # One judge name per run: the cluster-wide limiter is a named actor shared by every run
-        # that names the same judge, and the first run's permits would outlive its workers.
-        judges[mode] = root / f"judge-{mode}.yaml"
-        judges[mode].write_text(yaml.safe_dump(fast_config(
-            srv.base_url, name=f"bench-staleness{mode}", api_key_env=TEST_KEY_ENV, timeout_s=a.judge_latency + 10.0,
-            workers={"min_workers": 1, "max_workers": 1, "num_cpus": 0.25}).model_dump(mode="json")))
+    judge = root / "judge.yaml"
+    judge.write_text(yaml.safe_dump(fast_config(
+        srv.base_url, name="bench", api_key_env=TEST_KEY_ENV, timeout_s=a.judge_latency + 10.0,
+        workers={"min_workers": 1, "max_workers": 1, "num_cpus": 0.25}).model_dump(mode="json")))
     model_dir = a.model or build_tiny_model(root / "model", seed=0)
     data = write_polaris_dataset(root / "data", n=4 * a.prompts * a.steps, seed=0, fmt="jsonl")["train"]
     cluster.connect(ClusterConfig(num_cpus=8, object_store_gib=0.5))
     try:
-        results = {"sync": _summary(_run(0, a, root, model_dir, data, judges[0])),
-                   "async": _summary(_run(1, a, root, model_dir, data, judges[1]))}
+        results = {"sync": _summary(_run(0, a, root, model_dir, data, judge)),
+                   "async": _summary(_run(1, a, root, model_dir, data, judge))}
     finally:
         cluster.shutdown()
         srv.stop()

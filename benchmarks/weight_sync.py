@@ -71,7 +71,8 @@ def _timed(group: Any, fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def worker(rank: int, world: int, port: int, backend: str, metas: list, repeats: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, backend: str, metas: list, repeats: int, out: str,
+           bucket_bytes: int) -> None:
     """One rank: the transport as the run builds it, then warm-up + `repeats` of each way."""
     import torch
 
@@ -80,7 +81,7 @@ def worker(rank: int, world: int, port: int, backend: str, metas: list, repeats:
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    transport = make_transport("127.0.0.1", port, rank, world, backend, device)
+    transport = make_transport("127.0.0.1", port, rank, world, backend, device, bucket_bytes)
     group = getattr(transport, "group", None)
     if group is None:
         raise RuntimeError(f"{type(transport).__name__} exposes no process group to run raw broadcasts in")
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                    help="auto: nccl when every rank gets a GPU, else gloo")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bucket-kib", type=int, default=None,
+                   help="pack tensors under this size (default: the transport's DEFAULT_BUCKET_BYTES)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "weight_sync.json"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -156,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "bfloat16" if backend == "nccl" or cpu_has_native_bf16() else "float32"
     metas = model_metas(a.model, dtype)
     nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
-    buckets = len(plan_buckets(metas, DEFAULT_BUCKET_BYTES))
+    bucket_bytes = DEFAULT_BUCKET_BYTES if a.bucket_kib is None else a.bucket_kib << 10
+    buckets = len(plan_buckets(metas, bucket_bytes))
     log.info("%d tensors, %.1f MB (%s) in %d bucket(s); %s, %d receiver(s)", len(metas), nbytes / 1e6, dtype,
              buckets, backend, a.receivers)
     with tempfile.TemporaryDirectory(prefix="rlsys-weight-bench-") as tmp:
         res_path = Path(tmp) / "seconds.json"
-        mp.spawn(worker, args=(world, free_port(), backend, metas, a.repeats, str(res_path)), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, free_port(), backend, metas, a.repeats, str(res_path), bucket_bytes), nprocs=world, join=True)
         seconds = json.loads(res_path.read_text())
 
     rows = {}
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     per_tensor_ratio = rows["raw"]["seconds_median"] / rows["per_tensor"]["seconds_median"]
     fresh_ratio = rows["raw_fresh"]["seconds_median"] / rows["rlsys"]["seconds_median"]
     print(f"{a.model}: {len(metas)} tensors, {nbytes / 1e6:.1f} MB {dtype}, {buckets} bucket(s) (tensors under "
-          f"{DEFAULT_BUCKET_BYTES >> 10} KiB packed); {backend}, 1 sender + {a.receivers} receiver(s); "
+          f"{bucket_bytes >> 10} KiB packed); {backend}, 1 sender + {a.receivers} receiver(s); "
           f"median of {a.repeats}")
     print(f"{'way':14}{'seconds':>9}{'GB/s':>8}{'vs raw':>8}")
     for w in WAYS:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal rlsys/raw >= {GOAL}: {ratio:.3f}; rlsys/raw_fresh {fresh_ratio:.3f}")
     out = {"settings": {"model": a.model, "dtype": dtype, "backend": backend, "receivers": a.receivers,
                         "repeats": a.repeats, "tensors": len(metas), "bytes": nbytes,
-                        "bucket_bytes": DEFAULT_BUCKET_BYTES, "buckets": buckets},
+                        "bucket_bytes": bucket_bytes, "buckets": buckets},
            "machine": machine_info(), "ways": rows,
            "bandwidth_ratio_rlsys_vs_raw": round(ratio, 3),
            "bandwidth_ratio_per_tensor_vs_raw": round(per_tensor_ratio, 3),

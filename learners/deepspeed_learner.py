@@ -21,7 +21,9 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from learners import checkpoint_io
-from learners.engine_setup import LogprobModule, ds_config, load_hf, load_reference, model_dtype
+from learners.engine_setup import (LogprobModule, ds_config, limit_heap_retention, load_hf, load_reference,
+                                    model_dtype, module_numel)
+from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
 from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params
@@ -47,6 +49,7 @@ class DeepSpeedLearner:
         `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
         reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
+        limit_heap_retention()  # freed activations go back to the OS (engine_setup.py)
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
         self.lc, self.ac = learner_cfg, algo_cfg
         # Ray gives a GPU actor only its own device (CUDA_VISIBLE_DEVICES), so it is index 0 there.
@@ -68,11 +71,18 @@ class DeepSpeedLearner:
         pad = model.config.pad_token_id
         self.pad_id = pad if isinstance(pad, int) and 0 <= pad < model.config.vocab_size else 0
         self.temperature = float(temperature)
+        # Packed micro-batches (learner.micro_batch_tokens) need attention that can be confined
+        # to each packed sequence (learners/logprobs.py); otherwise padded, said once.
+        self.packing_unsupported = packing_unsupported(model)
+        if learner_cfg.micro_batch_tokens is not None and self.packing_unsupported and rank == 0:
+            log.warning("learner.micro_batch_tokens is set but %s: padded micro-batches of %d sequences instead",
+                        self.packing_unsupported, learner_cfg.micro_batch_size)
         policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature, learner_cfg.shared_prompt)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
-                                               config=ds_config(learner_cfg, self.dtype, train=True))
+                                               config=ds_config(learner_cfg, self.dtype, train=True,
+                                                                 model_numel=module_numel(policy)))
         self.device = self.engine.device
         self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
         # The reference policy: for a KL penalty or a preference loss. With LoRA it is the base
@@ -97,14 +107,20 @@ class DeepSpeedLearner:
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         d = self.device
         return fn(m.input_ids.to(d), m.attention_mask.to(d), m.target_mask.to(d), num_chunks, with_entropy,
-                  shared=None if m.shared is None else m.shared.to(d))
+                  shared=None if m.layout is None else m.layout.to(d))
+
+    def _token_budget(self) -> int | None:
+        """Packed micro-batches' token budget, or None: padded (not configured, or not supported)."""
+        return None if self.packing_unsupported else self.lc.micro_batch_tokens
 
     def _agree(self, mbs: list[MicroBatch]) -> tuple[list[MicroBatch], list[int], float, float]:
         """Pad every rank to the same micro-batch count and head-chunk counts (ZeRO-3 needs
         identical collectives everywhere) and sum the step's loss tokens and sequences."""
         n = torch.tensor([len(mbs)], dtype=torch.int64)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        mbs = mbs + [filler_micro_batch(self.pad_id, self.lc.shared_prompt) for _ in range(max(int(n), 1) - len(mbs))]
+        packed = self._token_budget() is not None
+        mbs = mbs + [filler_micro_batch(self.pad_id, self.lc.shared_prompt, packed)
+                     for _ in range(max(int(n), 1) - len(mbs))]
         chunks = torch.tensor([m.needed_chunks(self.lc.logprob_chunk_tokens) for m in mbs], dtype=torch.int64)
         dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
         totals = torch.tensor([sum(m.n_tokens for m in mbs), sum(m.n_real for m in mbs)], dtype=torch.float64)
@@ -153,7 +169,8 @@ class DeepSpeedLearner:
         g_tokens = g_seqs = 0.0
         for part in parts:
             mbs, chunks, tokens, seqs = self._agree(build_micro_batches(part, self.lc.micro_batch_size, self.pad_id,
-                                                                     shared_prompt=self.lc.shared_prompt))
+                                                                     shared_prompt=self.lc.shared_prompt,
+                                                                     token_budget=self._token_budget()))
             for key, mine in (("global_tokens", tokens), ("global_sequences", seqs)):
                 if key in part and int(part[key]) != int(mine) and self.rank == 0:
                     log.warning("%s=%s in the batch but the ranks hold %d; using %d", key, part[key], mine, mine)
@@ -166,16 +183,18 @@ class DeepSpeedLearner:
         if all(d == 0 for *_, d in plans):  # nothing to learn from; identical decision on every rank
             return stats.reduce(g_tokens, g_seqs, n_micro, time.perf_counter() - t0)
 
-        # Old log-probs: the policy before this step's first update. With a single optimizer
-        # step they equal the (only) training forward exactly, so that forward's detached output
-        # serves and a whole no-grad pass is saved; with several they are computed up front.
-        separate_old = self.ac.ppo_epochs > 1 or len(plans) > 1
+        # Old log-probs: the policy before this step's first update. The first mini-batch's
+        # first training forward runs before any optimizer step, so its detached output is
+        # exactly them (a later epoch reuses it); only the other mini-batches, which train after
+        # an update, need a no-grad pass up front. One mini-batch: no extra pass at all.
         old: list[list[torch.Tensor]] = [[] for _ in plans]
         ref: list[list[torch.Tensor]] = [[] for _ in plans]
         with torch.no_grad():
-            if separate_old:
+            if len(plans) > 1:
                 self.engine.eval()
                 for j, (mbs, chunks, _) in enumerate(plans):
+                    if j == 0:
+                        continue
                     for m, k in zip(mbs, chunks):
                         lp, ent = self._forward(self.engine, m, k, with_entropy=True)
                         old[j].append(lp)
@@ -187,13 +206,14 @@ class DeepSpeedLearner:
 
         self.engine.train()
         scale = backward_scale(self.world_size)
-        for _ in range(self.ac.ppo_epochs):
+        for epoch in range(self.ac.ppo_epochs):
             for j, (mbs, chunks, denominator) in enumerate(plans):
                 if denominator == 0:  # an empty mini-batch (same on every rank): no step
                     continue
+                fused_old = epoch == 0 and j == 0
                 for i, (m, k) in enumerate(zip(mbs, chunks)):
-                    lp, ent = self._forward(self.engine, m, k, with_entropy=not separate_old)
-                    if not separate_old:
+                    lp, ent = self._forward(self.engine, m, k, with_entropy=fused_old)
+                    if fused_old:
                         old[j].append(lp.detach())
                         stats.add_old_pass(m, lp.detach().cpu(), ent.cpu())
                     extra = {}
@@ -226,7 +246,8 @@ class DeepSpeedLearner:
             if len(part["input_ids"]) % 2:
                 raise ValueError(f"rank {self.rank}: a preference batch needs (chosen, rejected) rows in pairs")
             mbs, chunks, _, _ = self._agree(build_micro_batches(part, size, self.pad_id, keep_order=True,
-                                                                shared_prompt=self.lc.shared_prompt))
+                                                                shared_prompt=self.lc.shared_prompt,
+                                                                token_budget=self._token_budget()))
             pairs = torch.tensor([len(part["input_ids"]) // 2], dtype=torch.float64)
             dist.all_reduce(pairs)
             plans.append((mbs, chunks, float(pairs)))

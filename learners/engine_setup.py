@@ -1,6 +1,9 @@
 """Building the DeepSpeed engines: the wrapped module, the DeepSpeed config, model loading."""
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from typing import Any
 
 import deepspeed
@@ -42,9 +45,57 @@ class LogprobModule(nn.Module):
         return lp, ent  # ent is None unless with_entropy
 
 
-def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool) -> dict[str, Any]:
-    """DeepSpeed config of the policy (`train`) or of the frozen reference engine."""
-    zero: dict[str, Any] = {"stage": lc.zero_stage}
+# The DeepSpeed keys `bucket_config` sets (all of them: a benchmark strips them to measure
+# DeepSpeed's own defaults).
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+               "stage3_max_live_parameters", "stage3_max_reuse_distance")
+AUTO_BUCKET_MIB = (4.0, 64.0)  # auto: 1/8 of the model's bytes, clamped to this range
+
+
+def bucket_mib(lc: LearnerConfig, model_bytes: int | None) -> float:
+    """`learner.zero_bucket_mib`, or auto: 1/8 of the model's bytes clamped to AUTO_BUCKET_MIB
+    (the upper bound when the size is not known yet)."""
+    if lc.zero_bucket_mib is not None:
+        return float(lc.zero_bucket_mib)
+    lo, hi = AUTO_BUCKET_MIB
+    return hi if model_bytes is None else min(hi, max(lo, model_bytes / 8 / 2**20))
+
+
+def bucket_config(lc: LearnerConfig, dtype: torch.dtype, model_numel: int | None = None) -> dict[str, int]:
+    """DeepSpeed's bucket sizes (in elements of `dtype`) for `zero_optimization`, sized to the model.
+
+    DeepSpeed's defaults are for billion-parameter models on GPUs: a 5e8-element reduce bucket
+    that ZeRO-3 allocates whole on every rank (2 GB in fp32) and fills with the full gradients of
+    the whole model before it reduces, and a 1e9-element gathered-parameter budget and reuse
+    distance, so a small model stays gathered whole on every rank between its forward and its
+    backward. One size E (`bucket_mib`) for all: the reduce bucket holds at most E gradient
+    elements, at most E parameter elements are prefetched, gathered parameters stay live up to
+    2E and are kept for reuse only within E elements of the trace (benchmarks/learner_memory.py).
+    """
+    if lc.zero_stage == 0:
+        return {}
+    size = _itemsize(dtype)
+    elements = int(bucket_mib(lc, None if model_numel is None else model_numel * size) * 2**20 // size)
+    if lc.zero_stage < 3:
+        return {"reduce_bucket_size": elements, "allgather_bucket_size": elements}
+    return {"reduce_bucket_size": elements, "stage3_prefetch_bucket_size": elements,
+            "stage3_max_live_parameters": 2 * elements, "stage3_max_reuse_distance": elements}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def module_numel(module: nn.Module) -> int:
+    """Parameters of `module`, full sizes (ZeRO-3 partitioned parameters count whole)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+
+def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool, model_numel: int | None = None
+              ) -> dict[str, Any]:
+    """DeepSpeed config of the policy (`train`) or of the frozen reference engine; `model_numel`
+    (full parameter count) sizes the buckets (`bucket_config`)."""
+    zero: dict[str, Any] = {"stage": lc.zero_stage, **bucket_config(lc, dtype, model_numel)}
     if lc.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets save_hf consolidate
     cfg: dict[str, Any] = {
@@ -64,6 +115,28 @@ def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool) -> dict[str
             # Sum micro-batch gradients in fp32, not bf16 (8 mantissa bits lose small updates).
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
+
+
+HEAP_MMAP_THRESHOLD = 1 << 20  # bytes; see limit_heap_retention
+
+
+def limit_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Serve host allocations of `threshold` bytes and more by mmap, so they go back to the OS
+    when freed. True when set.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, so
+    a training step's activations (1-30 MB tensors, freed out of order) soon come from its heaps,
+    where freed memory stays resident: one SmolLM2-135M step left 1.1 GiB of free heap in RSS
+    and raised the step's peak by 0.6 GiB; a fixed 1 MiB threshold removed both at the same step
+    time (benchmarks/learner_memory.py). Process-wide: call it in a process of its own (a
+    learner rank). Skipped where MALLOC_MMAP_THRESHOLD_ is set or the C library is not glibc."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def model_dtype(model_dir: str, dtype: str | None) -> torch.dtype:
@@ -100,6 +173,7 @@ def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device
     module = LogprobModule(ref, lc.logprob_chunk_tokens, temperature, lc.shared_prompt).eval()
     if lc.zero_stage != 3:
         return module.to(device)
-    engine, *_ = deepspeed.initialize(model=module, config=ds_config(lc, dtype, train=False))
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config(lc, dtype, train=False,
+                                                                         model_numel=module_numel(module)))
     engine.eval()
     return engine

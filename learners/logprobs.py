@@ -20,6 +20,8 @@ Only the target positions actually needed (by default every non-padding one) go 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -131,3 +133,163 @@ def naive_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * attention_mask[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences: no compute on padding.
+#
+# A packed micro-batch is one row: its sequences concatenated, position ids restarting at 0 for
+# each, so every projection and MLP runs on real tokens only. Attention must stay inside each
+# sequence. transformers detects that layout from the position ids (attention_mask=None) and
+# builds a block-diagonal causal mask, but sdpa still computes the whole [N, N] score matrix,
+# cross-sequence blocks included (quadratic in the micro-batch's tokens). The attention function
+# below instead runs attention per sequence (`Segments`): exactly sum_i n_i^2 scores, as unpacked
+# sequences cost. It is registered with transformers' AttentionInterface under
+# "rlsys_varlen|sdpa" and does exactly what sdpa does for any call without `rlsys_segments`, so a
+# model switched to it (`enable_varlen_attention`) computes padded batches as before.
+# ---------------------------------------------------------------------------------------------
+
+VARLEN_ATTENTION = "rlsys_varlen|sdpa"
+
+
+class Segments:
+    """How the queries of one packed row attend (the `rlsys_segments` keyword of the decoder).
+
+    Segment i = queries [starts[i], starts[i] + lens[i]) of the row; it attends causally to its
+    own keys, which sit at `key_offset + starts[i]` in the layer's key tensor (`key_offset`: the
+    length of a cache prefix that `past_key_values.update` put in front), and, when `prefix` is
+    given, first to the whole key range prefix[i] = (start, length) of that prefix (a prompt
+    encoded once for several responses)."""
+
+    def __init__(self, lens: tuple[int, ...], key_offset: int = 0,
+                 prefix: tuple[tuple[int, int], ...] | None = None, device: torch.device | None = None):
+        self.lens = tuple(int(n) for n in lens)
+        self.starts = tuple(sum(self.lens[:i]) for i in range(len(self.lens)))
+        self.key_offset, self.prefix = key_offset, prefix
+        # Bottom-right causal mask of a segment after its prefix: query r sees prefix + keys 0..r.
+        self.masks = None if prefix is None else [
+            torch.ones(n, p + n, dtype=torch.bool, device=device).tril(diagonal=p)
+            for n, (_, p) in zip(self.lens, prefix)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.lens)
+
+
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          rlsys_segments: Segments | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: sdpa, per segment of a packed row when `rlsys_segments`
+    is given (the mask transformers built for the row is then not used), plain sdpa otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    seg = rlsys_segments
+    if seg is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or query.shape[2] != seg.total:
+        raise ValueError(f"packed attention: query {tuple(query.shape)} is not one row of {seg.total} tokens")
+    outs = []
+    for i, (q0, n) in enumerate(zip(seg.starts, seg.lens)):
+        k0 = seg.key_offset + q0
+        k, v = key[:, :, k0:k0 + n], value[:, :, k0:k0 + n]
+        mask = None
+        if seg.prefix is not None:
+            p0, p = seg.prefix[i]
+            k = torch.cat([key[:, :, p0:p0 + p], k], dim=2)
+            v = torch.cat([value[:, :, p0:p0 + p], v], dim=2)
+            mask = seg.masks[i]
+        out, _ = sdpa_attention_forward(module, query[:, :, q0:q0 + n], k, v, mask, dropout=dropout,
+                                        scaling=scaling, is_causal=True)
+        outs.append(out)  # [1, n, heads, head_dim]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_varlen() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if VARLEN_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+def packing_unsupported(model: nn.Module) -> str | None:
+    """Why `model` (a Hugging Face causal LM) cannot run packed micro-batches, or None if it can:
+    its attention must dispatch through transformers' AttentionInterface (which passes the
+    decoder's keyword arguments on to it) and currently use sdpa."""
+    inner = getattr(model, "base_model", model)
+    cfg = getattr(inner, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if not getattr(type(inner), "_supports_attention_backend", False):
+        return f"{type(inner).__name__} does not dispatch attention through transformers' AttentionInterface"
+    if impl not in ("sdpa", VARLEN_ATTENTION):
+        return f"attention implementation {impl!r} (packing needs 'sdpa')"
+    return None
+
+
+def enable_varlen_attention(model: nn.Module) -> None:
+    """Switch `model`'s attention to `varlen_sdpa_attention` (idempotent; padded batches compute
+    as with sdpa). The choice lives in the config's private `_attn_implementation`, which
+    save_pretrained does not write. Raises if the model cannot (see `packing_unsupported`)."""
+    why = packing_unsupported(model)
+    if why is not None:
+        raise RuntimeError(f"packed micro-batches: {why}; set learner.micro_batch_tokens: null")
+    cfg = getattr(model, "base_model", model).config
+    if cfg._attn_implementation != VARLEN_ATTENTION:
+        _register_varlen()
+        cfg._attn_implementation = VARLEN_ATTENTION
+        top = getattr(model, "config", None)
+        if top is not None and top is not cfg:
+            top._attn_implementation = VARLEN_ATTENTION
+
+
+@dataclass
+class PackedRows:
+    """A micro-batch's sequences as one row without padding: row j of the micro-batch's [b, T]
+    layout is input_ids[0, starts[j] : starts[j] + lens[j]]."""
+
+    input_ids: torch.Tensor      # [1, N] long
+    position_ids: torch.Tensor   # [1, N] long, restarting at 0 for each sequence
+    starts: torch.Tensor         # [b] long
+    lens: tuple[int, ...]        # tokens per sequence (sum N)
+
+    @classmethod
+    def build(cls, seqs: list[list[int]]) -> "PackedRows":
+        lens = tuple(len(s) for s in seqs)
+        starts = [sum(lens[:j]) for j in range(len(lens))]
+        return cls(torch.tensor([[t for s in seqs for t in s]], dtype=torch.long),
+                   torch.cat([torch.arange(n) for n in lens])[None],
+                   torch.tensor(starts, dtype=torch.long), lens)
+
+    def to(self, device: torch.device) -> "PackedRows":
+        return PackedRows(self.input_ids.to(device), self.position_ids.to(device), self.starts.to(device), self.lens)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def packed_logprobs(model: nn.Module, packed: PackedRows, target_mask: torch.Tensor, chunk_tokens: int, *,
+                    num_chunks: int | None = None, with_entropy: bool = False, temperature: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`chunked_logprobs` of the micro-batch's rows ([b, T-1] layout, `target_mask` [b, T-1])
+    computed from one packed row: one decoder call on the real tokens only."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    enable_varlen_attention(model)
+    seg = Segments(packed.lens)
+    hidden = model.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                              rlsys_segments=seg).last_hidden_state[0]                  # [N, H]
+    b, t1 = target_mask.shape
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    source = packed.starts[rows] + cols   # hidden state that predicts the next token of the same row
+    logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), hidden, source,
+                                      packed.input_ids[0].index_select(0, source + 1), chunk_tokens,
+                                      num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
+    dest = rows * t1 + cols
+    logp = logp_sel.new_zeros(b * t1).index_copy(0, dest, logp_sel).view(b, t1)
+    entropy = None if ent_sel is None else ent_sel.new_zeros(b * t1).index_copy(0, dest, ent_sel).view(b, t1)
+    return logp, entropy

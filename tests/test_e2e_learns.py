@@ -58,7 +58,7 @@ def run_task(root: Path, model_dir: str, data: Path, weight: float, steps: int =
         "rollout": {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 16, "max_model_len": 512,
                     "kv_cache_gib": 0.25, "temperature": 0.8, "top_p": 1.0},
         "reward": {"weights": {"share": weight}, "functions": {"share": REWARD_FN}},
-        "algorithm": {"kl_coef": 0.0, "mini_batches": 2},
+        "algorithm": {"kl_coef": 0.0, "mini_batches": 2, "max_staleness": 0},   # async: by override
         "learner": {"num_ranks": 2, "micro_batch_size": 8, "lr": 5e-3, "gradient_checkpointing": False},
         "train": {"steps": steps, "output_dir": str(root / f"run{weight:+.0f}{len(overrides)}")},
     })
@@ -154,7 +154,12 @@ def test_keyword_example_runs_as_shipped(setup):
     try:
         stream = PromptStream(load_for_config(cfg.data), shuffle=True, seed=cfg.seed)
         channels = ["keyword", "brevity"]
-        samples, metrics = grpo_step(run, make_pipeline(run, stream, cfg, channels), cfg, channels)
+        pipeline = make_pipeline(run, stream, cfg, channels)   # as shipped: asynchronous, step 2 prefetched
+        try:
+            samples, metrics = grpo_step(run, pipeline, cfg, channels)
+            assert pipeline.asynchronous and pipeline.queued_steps == 1
+        finally:
+            pipeline.close()
     finally:
         run.shutdown()
     # A random model never writes the keyword: every group is constant in it but varies in

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
         "rollout": {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 300, "max_model_len": 512,
                     "kv_cache_gib": 0.25, "temperature": 1.0},
         "reward": {"weights": {"share": 1.0}, "functions": {"share": REWARD_FN}},
-        "algorithm": {"kl_coef": 0.0},
+        "algorithm": {"kl_coef": 0.0, "max_staleness": 0},   # one synchronous step at a time
         "learner": {"num_ranks": 2, "micro_batch_size": 8, "lr": 1e-3, "gradient_checkpointing": False},
         "cluster": {"num_cpus": 8, "object_store_gib": 0.5, "max_actor_restarts": 2},
     })

@@ -2,8 +2,10 @@
 head, vLLM, DeepSpeed ranks) after its step-2 checkpoint, then `--resume auto`, must give the
 same per-step losses, rewards and final weights as the same 4 steps run without interruption.
 The data has 3 prompts and a step takes 2, so the checkpoint falls mid-epoch right after an
-epoch boundary. And a checkpoint writer killed mid-write leaves the previous checkpoint as the
-one `--resume auto` uses."""
+epoch boundary. The same under the asynchronous pipeline (`algorithm.max_staleness=1`, a
+checkpoint every step), killed while a prefetch runs: the resume regenerates the prompts that
+were prefetched but not trained, and the run finishes with every step once. And a checkpoint
+writer killed mid-write leaves the previous checkpoint as the one `--resume auto` uses."""
 from __future__ import annotations
 
 import json
@@ -38,7 +40,7 @@ def _config(tmp: Path) -> Path:
                     "kv_cache_gib": 0.25, "temperature": 0.8, "top_p": 1.0},
         "reward": {"weights": {"share": 1.0},
                    "functions": {"share": f"{ROOT / 'tests' / 'reward_fns.py'}:share_a_to_m_slow"}},
-        "algorithm": {"kl_coef": 0.02, "mini_batches": 2},
+        "algorithm": {"kl_coef": 0.02, "mini_batches": 2, "max_staleness": 0},   # bit-exact resume: synchronous
         "learner": {"num_ranks": 2, "micro_batch_size": 4, "lr": 5e-3, "gradient_checkpointing": False},
         "cluster": {"num_cpus": 8, "object_store_gib": 0.5},
         "train": {"steps": 4, "save_every": 2, "keep_checkpoints": 2},
@@ -86,6 +88,17 @@ def _kill_tree(proc: subprocess.Popen, run_dir: Path) -> None:
 SHM_BEFORE: set[str] = set()
 
 
+def _kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, name: str) -> None:
+    """Wait until `checkpoints/latest` names `name`, then SIGKILL the whole run (`_kill_tree`)."""
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not (latest.is_file() and latest.read_text().strip() == name):
+        assert proc.poll() is None, f"run ended before its checkpoint {name}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    _kill_tree(proc, run_dir)
+
+
 @pytest.mark.e2e
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     from actors.rollout import _shm_segments
@@ -96,14 +109,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
     _finish(_train(cfg, a))
 
-    proc = _train(cfg, b, start_new_session=True)
-    latest = b / "checkpoints" / "latest"
-    deadline = time.monotonic() + 600
-    while not (latest.is_file() and latest.read_text().strip() == "step-000002"):
-        assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    _kill_tree(proc, b)
+    _kill_after_checkpoint(_train(cfg, b, start_new_session=True), b, "step-000002")
     assert not (b / "final").exists() and len(read_metrics(b)) < 4   # really killed mid-run
     state = json.loads((b / "checkpoints" / "step-000002" / "state.json").read_text())
     assert state["step"] == 2 and state["policy_version"] == 2
@@ -130,6 +136,51 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(b / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4]
+
+
+@pytest.mark.e2e
+def test_async_sigkill_mid_prefetch_then_resume(tmp_path):
+    """max_staleness=1, save_every=1. Step 2's checkpoint is written after step 3's prompts were
+    taken and generated (prefetched during step 2's update); the kill follows it at once, while
+    step 3 trains and step 4's rollout runs. The checkpoint must hold the stream position before
+    step 3's prompts, so the resumed run generates them again (with the checkpoint's weights:
+    version 2, where the killed attempt had version 1) and no prompt is skipped; metrics.jsonl
+    and rollouts/ end with each of the 4 steps exactly once."""
+    from actors.rollout import _shm_segments
+    from rlsys import checkpoint
+    from rlsys.config import load_config
+    from rlsys.data.loading import load_for_run
+    from rlsys.data.stream import PromptStream
+    from rlsys.tracking import read_metrics, read_rollouts
+
+    SHM_BEFORE.update(_shm_segments())
+    cfg, run = _config(tmp_path), tmp_path / "async"
+    flags = ("algorithm.max_staleness=1", "train.save_every=1")
+    _kill_after_checkpoint(_train(cfg, run, *flags, start_new_session=True), run, "step-000002")
+    assert not (run / "final").exists() and len(read_metrics(run)) < 4   # really killed mid-run
+    state = checkpoint.load_state(checkpoint.resolve("auto", run))        # the checkpoint reads back
+    assert (state.step, state.policy_version) == (2, 2)
+    assert state.stream == {"epoch": 1, "index": 1}   # 4 prompts trained; step 3's 2 (taken) not counted
+
+    _finish(_train(cfg, run, *flags, "--resume", "auto"))
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]                   # no gap, no duplicate
+    # Steps 1 and 3 (the first after the resume) are collected when they start; 2 and 4 were
+    # generated during the previous update, one version behind.
+    assert [m["async/staleness_max"] for m in metrics] == [0, 1, 0, 1]
+    assert all(m["async/dropped_stale_groups"] == 0 for m in metrics)
+    c = load_config(cfg)
+    stream = PromptStream(load_for_run(c), shuffle=c.data.shuffle, seed=c.seed)
+    expected = [[e.uid for e in stream.take(2)] for _ in range(4)]      # the prompt order, skipping none
+    rows = read_rollouts(run).to_pylist()
+    for step in range(1, 5):
+        got = [r for r in rows if r["step"] == step]
+        assert list(dict.fromkeys(r["prompt_uid"] for r in got)) == expected[step - 1], step
+        assert len(got) == 2 * c.rollout.group_size
+        # generated by: v0 (step 1 now, step 2 ahead), then the resumed run's v2 (step 3 now, step 4 ahead)
+        assert {r["policy_version"] for r in got} == {[0, 0, 2, 2][step - 1]}, step
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-000003", "step-000004"] and (run / "final" / "model.safetensors").is_file()
 
 
 class _SlowRun:

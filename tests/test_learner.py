@@ -236,7 +236,10 @@ def ranks(e2e_model_dir):
 
     from rlsys.config import AlgorithmConfig, LearnerConfig
 
-    with learner_ranks(e2e_model_dir, LearnerConfig(**E2E_LC), AlgorithmConfig(kl_coef=KL, ppo_epochs=1)) as r:
+    # Synchronous (so no truncated importance sampling): the single-process reference gradient
+    # below has no importance weights, and the batches carry sampler log-probs of -6.
+    ac = AlgorithmConfig(kl_coef=KL, ppo_epochs=1, max_staleness=0)
+    with learner_ranks(e2e_model_dir, LearnerConfig(**E2E_LC), ac) as r:
         yield r
 
 
@@ -272,7 +275,8 @@ def test_two_zero3_ranks_train_broadcast_and_save(ranks, e2e_model_dir, tmp_path
     before = _all(learners, "gathered_digest")
     assert before[1] == {} and set(before[0]) == set(names)
     steps = [train_step()]
-    # Second step with two epochs: the separate no-grad old-log-prob pass and a moving ratio.
+    # Second step with two epochs: the second epoch's old log-probs are the first epoch's
+    # detached forward (no separate no-grad pass for a single mini-batch) and its ratio moves.
     ray.get([lr.__ray_call__.remote(lambda s: setattr(s, "ac", s.ac.model_copy(update={"ppo_epochs": 2})))
              for lr in learners])
     steps.append(train_step())
@@ -287,7 +291,7 @@ def test_two_zero3_ranks_train_broadcast_and_save(ranks, e2e_model_dir, tmp_path
     assert first["policy/grad_norm"] == pytest.approx(want_norm, rel=1e-4)
     assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert first["loss/kl"] == pytest.approx(0.0, abs=1e-6)
-    assert "time/learner_old_logprobs" in second and "time/learner_old_logprobs" not in first
+    assert "time/learner_old_logprobs" not in second and "time/learner_old_logprobs" not in first
     assert second["policy/ratio_mean"] != 1.0 and second["loss/kl"] > 0
     # PPO mini-batches (two epochs x two mini-batches = four optimizer steps), split as the driver
     # does: every update after the first is against the policy before the first, so the ratio

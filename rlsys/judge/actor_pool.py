@@ -14,20 +14,26 @@ metrics are lost). Workers request ``num_cpus`` and ``resources`` from the confi
 add judge nodes.
 
 A story whose worker dies is resubmitted to another worker (``max_resubmits``), then masked.
+
+Each worker holds its limiter permits as ``"<pool id>/<n>"``, registered with the limiter: a
+worker that dies or is removed gives its permits back, and ``close`` (the run's shutdown path)
+gives back every permit of the pool, so the next run under the same judge name starts at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from rewards.judge_rubric import Rubric
 from rlsys.judge.client import JudgeFatalError
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Worker:
     handle: Any
+    holder: str  # its permits' tag at the limiter
     in_flight: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -54,6 +61,8 @@ class JudgeActorPool:
         self.cfg, self.rubric, self.metrics = cfg, rubric, metrics
         self._cls = JudgeWorker
         self.limiter = get_cluster_limiter(cfg, namespace)
+        self.pool_id = uuid.uuid4().hex[:12]
+        self._serial = itertools.count()
         self.workers: list[_Worker] = []
         self.peak_workers = 0
         self._active = 0  # stories in score_one: waiting for a slot or in flight
@@ -70,9 +79,11 @@ class JudgeActorPool:
     def _spawn(self, n: int) -> None:
         w = self.cfg.workers
         for _ in range(n):
+            holder = f"{self.pool_id}/{next(self._serial)}"
             handle = self._cls.options(num_cpus=w.num_cpus, resources=w.resources or None).remote(
-                self.cfg.model_dump(), self.limiter, self.rubric)
-            self.workers.append(_Worker(handle))
+                self.cfg.model_dump(), self.limiter, self.rubric, holder)
+            self.limiter.register.remote(holder, handle)  # its death gives its permits back
+            self.workers.append(_Worker(handle, holder))
         self.peak_workers = max(self.peak_workers, len(self.workers))
         if n:
             log.info("judge %s: %d workers", self.cfg.name, len(self.workers))
@@ -90,6 +101,7 @@ class JudgeActorPool:
             if wk.in_flight == 0 and now - wk.idle_since >= w.scale_down_idle_s:
                 self.workers.remove(wk)
                 ray.kill(wk.handle)
+                self.limiter.end.remote(wk.holder)
 
     def _wake(self, n: int) -> None:
         """Let up to ``n`` waiting stories look for a slot again (oldest first)."""
@@ -136,10 +148,12 @@ class JudgeActorPool:
                 ref = wk.handle.score_one.remote(prompt, story)
                 try:
                     outcome, delta = await asyncio.wrap_future(ref.future())
-                except RayActorError:
+                except RayActorError as e:
                     if wk in self.workers:
                         log.warning("judge %s: a worker died; resubmitting its stories", self.cfg.name)
                         self.workers.remove(wk)
+                        if isinstance(e, ActorDiedError):  # its permits back now, not at the limiter's next check
+                            self.limiter.end.remote(wk.holder)
                     self.metrics.inc("worker_restarts")
                     continue
                 except JudgeFatalError as e:  # Ray's RayTaskError subclass of the cause's type
@@ -168,6 +182,10 @@ class JudgeActorPool:
                 log.warning("judge %s: a worker's last metrics are lost (%s)", self.cfg.name, type(e).__name__)
             ray.kill(wk.handle)
         self.workers.clear()
+        try:  # the workers are gone: every permit they held (or waited for) comes back now
+            ray.get(self.limiter.end.remote(self.pool_id), timeout=10)
+        except Exception as e:  # the limiter still reclaims them once it sees the workers dead
+            log.warning("judge %s: could not hand the pool's permits back (%s)", self.cfg.name, type(e).__name__)
 
 
 def _cancel(ref: Any) -> None:

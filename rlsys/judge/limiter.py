@@ -13,14 +13,26 @@ share one server-side window, whatever the transit delay. A request we gave up o
 connection error) has no response to bound its arrival -- a busy endpoint may still take it out
 of its queue and count it later -- so it stays ``late_s`` (the request timeout) longer. The price is that a slot is busy for
 ``W + latency`` rather than ``W``: the throughput ceiling is ``W / (W + latency + margin_s)`` of
-the budget (0.99 for 5 s windows and 50 ms replies, more for 60 s windows). A request whose
-holder never reports back (a dead worker) is assumed to be over when its lease ends.
+the budget (0.99 for 5 s windows and 50 ms replies, more for 60 s windows).
 ``margin_s`` is extra window length on top, for endpoints that count in some other way.
 
+Permits end with their holder. Every permit is tagged with the holder that asked for it (a judge
+worker, ``"<pool id>/<n>"``); when the holder ends, its permits are treated like requests we gave
+up on (the concurrency slot is back at once; ``W + late_s`` more in the window, since a request
+it sent may still arrive) and its waiting acquires are refused. A holder ends when its pool
+closes (``end(<pool id>)``, the run's shutdown path) or when Ray reports its actor dead: every
+``CHECK_S`` the limiter pings the actors of the holders with permits out or acquires waiting.
+Only a definite death ends a holder -- a slow or silent one is still alive -- so a live slow
+request keeps counting. The lease (``lease_s``) stays as the backstop (a holder without a
+registered actor, or one Ray cannot reach). An acquire whose caller stopped waiting (deadline,
+cancelled story) is cancelled in the limiter, or its permit handed straight back unused.
+
 ``LimiterCore`` is the pure, clock-injected state machine (unit-tested without asyncio);
-``LocalLimiter`` wraps it for one event loop; ``RayLimiterActor`` hosts a ``LocalLimiter`` in a
+``LocalLimiter`` wraps it for one event loop; ``LimiterService`` hosts a ``LocalLimiter`` in a
 named Ray actor so that all judge workers of the cluster draw from the same budgets, and
-``RayLimiterClient`` gives that actor the same async interface as ``LocalLimiter``.
+``RayLimiterClient`` gives that actor the same async interface as ``LocalLimiter``. A run that
+attaches to the limiter with other budgets reconfigures it (the latest config wins; a warning
+names the changed fields).
 
 ``cap`` lowers the budgets (never above the configured ones) when the endpoint says its limit is
 lower (an ``x-ratelimit-limit-*`` header on a 429); ``pause`` stops all grants for a while (the
@@ -35,14 +47,24 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 
 class PermitTooLarge(ValueError):
     """A single request needs more tokens than one whole window allows: it can never run."""
+
+
+class HolderGone(RuntimeError):
+    """The holder asking for a permit has ended (its pool closed, or its actor died)."""
+
+
+def holder_group(holder: str) -> str:
+    """``"<pool id>/<worker>"`` -> ``"<pool id>"``: ending a group ends each of its holders."""
+    return holder.split("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -54,7 +76,7 @@ class Limits:
     concurrency: int
     window_s: float
     margin_s: float = 0.0
-    lease_s: float = 600.0  # an unreleased permit (dead worker) is assumed over after this
+    lease_s: float = 600.0  # an unreleased permit without a known holder is assumed over after this
     late_s: float = 0.0  # how long after we gave up on it (no response) a request may still arrive
 
 
@@ -70,14 +92,16 @@ class LimiterCore:
     """Pure limiter state; ``now`` is always passed in so tests control time.
 
     Every permit is in the window log from its grant until ``span`` after its release (plus
-    ``late_s`` if no response came, or after its lease ends if never released); while unreleased
-    it also holds a concurrency slot.
+    ``late_s`` if no response came, or if its holder ended first; after its lease ends if never
+    released); while unreleased it also holds a concurrency slot.
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.configured = limits  # ``cap`` never goes above these
         self._open: dict[int, float] = {}  # permit id -> lease expiry, while in flight
+        self._holder: dict[int, str] = {}  # open permit id -> its holder (if it named one)
+        self._gone: set[str] = set()  # holders and holder groups that have ended
         self._closed: list[tuple[float, int]] = []  # heap of (leaves the window at, permit id)
         self._tokens: dict[int, int] = {}  # permit id -> tokens charged, for every permit in the window
         self._used = 0  # sum of _tokens
@@ -99,6 +123,7 @@ class LimiterCore:
         for pid, until in list(self._open.items()):
             if until <= now:  # holder never reported back: assume the request is over
                 del self._open[pid]
+                self._holder.pop(pid, None)
                 heapq.heappush(self._closed, (until + self.span + self.limits.late_s, pid))
         while self._closed and self._closed[0][0] <= now:
             _, pid = heapq.heappop(self._closed)
@@ -112,12 +137,15 @@ class LimiterCore:
         ends = sorted([end for end, _ in soonest] + [until + late for until in self._open.values()])
         return ends[k]
 
-    def try_acquire(self, tokens: int, now: float) -> Permit | float:
-        """Grant a permit, or return how many seconds to wait before asking again (a release
-        may end the wait sooner)."""
+    def try_acquire(self, tokens: int, now: float, holder: str | None = None) -> Permit | float:
+        """Grant a permit (tagged with ``holder``), or return how many seconds to wait before
+        asking again (a release may end the wait sooner). Raises ``HolderGone`` for an ended
+        holder."""
         lim = self.limits
         if lim.tokens is not None and tokens > lim.tokens:
             raise PermitTooLarge(f"request needs {tokens} tokens, window budget is {lim.tokens}")
+        if holder is not None and self.is_gone(holder):
+            raise HolderGone(holder)
         self._expire(now)
         waits = [self._paused_until - now]
         in_window = len(self._open) + len(self._closed)
@@ -132,6 +160,8 @@ class LimiterCore:
             return wait
         pid = next(self._ids)
         self._open[pid] = now + lim.lease_s
+        if holder is not None:
+            self._holder[pid] = holder
         self._charge(pid, tokens)
         return Permit(pid, tokens)
 
@@ -155,13 +185,31 @@ class LimiterCore:
         ``sent=False`` refunds the permit entirely (the request was never sent, e.g. the
         circuit breaker opened while the caller waited for the permit)."""
         if self._open.pop(permit_id, None) is None:
-            return  # unknown or already expired lease: it is accounted for already
+            return  # unknown, expired or reclaimed: it is accounted for already
+        self._holder.pop(permit_id, None)
         if not sent:
             self._forget(permit_id)
             return
         if actual_tokens is not None:
             self._charge(permit_id, actual_tokens)
         heapq.heappush(self._closed, (now + self.span + (0.0 if answered else self.limits.late_s), permit_id))
+
+    def is_gone(self, holder: str) -> bool:
+        return holder in self._gone or holder_group(holder) in self._gone
+
+    def end_holder(self, holder: str, now: float) -> int:
+        """``holder`` (or, given a pool id, each of its holders) has ended: its open permits are
+        released as unanswered (a request it sent may still arrive: ``span + late_s`` more in
+        the window) and its later acquires are refused. Returns how many permits it held."""
+        self._gone.add(holder)
+        mine = [pid for pid, h in self._holder.items() if h == holder or holder_group(h) == holder]
+        for pid in mine:
+            self.release(pid, answered=False, now=now)
+        return len(mine)
+
+    def holders(self) -> set[str]:
+        """Holders with permits out."""
+        return set(self._holder.values())
 
     def pause(self, seconds: float, now: float) -> None:
         """Grant nothing for ``seconds`` (the endpoint says its whole quota is used up)."""
@@ -207,6 +255,7 @@ class LocalLimiter:
         self._clock = clock
         self._lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
+        self._waiting: Counter[str] = Counter()  # holder -> its acquires waiting
 
     def _prims(self) -> tuple[asyncio.Lock, asyncio.Event]:
         # Created lazily so the limiter can be built outside the loop that will use it.
@@ -214,18 +263,26 @@ class LocalLimiter:
             self._lock, self._wake = asyncio.Lock(), asyncio.Event()
         return self._lock, self._wake
 
-    async def acquire(self, tokens: int) -> Permit:
+    async def acquire(self, tokens: int, holder: str | None = None) -> Permit:
         lock, wake = self._prims()
-        async with lock:
-            while True:
-                got = self.core.try_acquire(tokens, self._clock())
-                if isinstance(got, Permit):
-                    return got
-                wake.clear()
-                try:  # a release can end the wait early; otherwise sleep until the next expiry
-                    await asyncio.wait_for(wake.wait(), got)
-                except asyncio.TimeoutError:
-                    pass  # the wait ran its course: ask again
+        if holder is not None:
+            self._waiting[holder] += 1
+        try:
+            async with lock:
+                while True:
+                    got = self.core.try_acquire(tokens, self._clock(), holder)
+                    if isinstance(got, Permit):
+                        return got
+                    wake.clear()
+                    try:  # a release can end the wait early; otherwise sleep until the next expiry
+                        await asyncio.wait_for(wake.wait(), got)
+                    except asyncio.TimeoutError:
+                        pass  # the wait ran its course: ask again
+        finally:
+            if holder is not None:
+                self._waiting[holder] -= 1
+                if not self._waiting[holder]:
+                    del self._waiting[holder]
 
     async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
                       answered: bool = True) -> None:
@@ -234,6 +291,17 @@ class LocalLimiter:
 
     async def pause(self, seconds: float) -> None:
         self.core.pause(seconds, self._clock())
+
+    def end(self, holder: str) -> int:
+        """``holder`` (or every holder of a group) has ended: see ``LimiterCore.end_holder``;
+        its waiting acquires raise ``HolderGone``."""
+        n = self.core.end_holder(holder, self._clock())
+        self._prims()[1].set()
+        return n
+
+    def busy_holders(self) -> set[str]:
+        """Holders with permits out or acquires waiting."""
+        return self.core.holders() | set(self._waiting)
 
     async def cap(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
         """Lower the budgets to the endpoint's own per-minute limits (never above the config)."""
@@ -265,18 +333,27 @@ def limits_for(cfg) -> Limits:  # cfg: JudgeConfig (untyped to keep this module 
 
 # ------------------------------------------------------------------------- cluster-wide (Ray)
 
+CHECK_S = 0.5  # how often the limiter checks that the holders with permits out are alive
+PING_TIMEOUT_S = 30.0  # a holder that has not answered by then is taken as alive (and asked again)
+SWEEP_S = 60.0  # how often idle registered holders are checked too (to forget dead ones)
+
 
 class LimiterService:
     """Body of the named Ray actor: one ``LocalLimiter`` that every judge worker calls.
 
     Defined as a plain class and turned into an actor lazily (``ray.remote``) so that importing
     this module does not import Ray. It runs as an async actor, so thousands of ``acquire`` calls
-    can wait concurrently inside it while the FIFO lock serves them in order.
+    can wait concurrently inside it while the FIFO lock serves them in order. Holders registered
+    with their actor (``register``) are pinged while they have permits out or acquires waiting;
+    one that Ray reports dead ends (``end``), and its permits come back.
     """
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
         self._inner = LocalLimiter(limits)
+        self._actors: dict[str, Any] = {}  # holder -> its actor (has a cheap ``ready()``)
+        self._pings: dict[str, asyncio.Task] = {}  # holder -> its liveness check in progress
+        self._watcher: asyncio.Task | None = None
         if _was_restarted():
             # The log died with the previous instance: wait one full window so the requests it
             # let through cannot be repeated on top of themselves.
@@ -290,12 +367,51 @@ class LimiterService:
         self._limits = limits
         self._inner.core.reconfigure(limits)
 
-    async def acquire(self, tokens: int) -> Permit:
-        return await self._inner.acquire(tokens)
+    async def acquire(self, tokens: int, holder: str | None = None) -> Permit:
+        return await self._inner.acquire(tokens, holder)
 
     async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
                       answered: bool = True) -> None:
         await self._inner.release(permit, actual_tokens, sent, answered)
+
+    async def register(self, holder: str, actor: Any) -> None:
+        """Tie ``holder`` to ``actor``: when Ray reports the actor dead, the holder ends."""
+        if self._inner.core.is_gone(holder):
+            return
+        self._actors[holder] = actor
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def end(self, holder: str) -> int:
+        """``holder`` -- or, given a pool id, every holder of that pool -- has ended: its permits
+        come back now (``LimiterCore.end_holder``). Returns how many it held."""
+        for h in [h for h in self._actors if h == holder or holder_group(h) == holder]:
+            del self._actors[h]
+        return self._inner.end(holder)
+
+    async def _watch(self) -> None:
+        loop, sweep_every, n = asyncio.get_running_loop(), max(1, round(SWEEP_S / CHECK_S)), 0
+        while self._actors:
+            await asyncio.sleep(CHECK_S)
+            n += 1
+            due = set(self._actors) if n % sweep_every == 0 else self._inner.busy_holders() & self._actors.keys()
+            for holder in due - self._pings.keys():
+                self._pings[holder] = loop.create_task(self._ping(holder, self._actors[holder]))
+
+    async def _ping(self, holder: str, actor: Any) -> None:
+        from ray.exceptions import ActorDiedError
+
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(actor.ready.remote().future()), PING_TIMEOUT_S)
+        except ActorDiedError:
+            if holder in self._actors:
+                n = await self.end(holder)
+                if n:
+                    log.warning("judge limiter: holder %s died; its %d permits are back", holder, n)
+        except Exception as e:  # alive but busy, or unreachable for now: asked again next round
+            log.debug("judge limiter: holder %s did not answer (%s)", holder, type(e).__name__)
+        finally:
+            self._pings.pop(holder, None)
 
     async def pause(self, seconds: float) -> None:
         await self._inner.pause(seconds)
@@ -321,13 +437,36 @@ def _was_restarted() -> bool:
 
 
 class RayLimiterClient:
-    """``AsyncLimiter`` backed by the named limiter actor (awaits Ray object refs)."""
+    """``AsyncLimiter`` backed by the named limiter actor (awaits Ray object refs); its permits
+    are tagged with ``holder`` (see the module docstring)."""
 
-    def __init__(self, handle) -> None:
-        self.handle = handle
+    def __init__(self, handle, holder: str | None = None) -> None:
+        self.handle, self.holder = handle, holder
+        self._giving_back: set[asyncio.Task] = set()
 
     async def acquire(self, tokens: int) -> Permit:
-        return await self.handle.acquire.remote(tokens)
+        ref = self.handle.acquire.remote(tokens, self.holder)
+        try:
+            return await ref
+        except asyncio.CancelledError:  # we stopped waiting; the limiter has not
+            task = asyncio.get_running_loop().create_task(self._give_back(ref))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+            raise
+
+    async def _give_back(self, ref) -> None:
+        """Cancel an acquire nobody waits for, or hand its permit back unused if already granted."""
+        import ray
+
+        try:
+            ray.cancel(ref)
+        except Exception as e:  # finished already: its permit is handed back below
+            log.debug("judge limiter: cancelling an acquire failed (%s)", type(e).__name__)
+        try:
+            permit = await ref
+        except Exception:  # cancelled before a grant (or refused): nothing to give back
+            return
+        await self.release(permit, sent=False)
 
     async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
                       answered: bool = True) -> None:
@@ -349,21 +488,25 @@ def get_cluster_limiter(cfg, namespace: str = "rlsys"):
 
     Every driver and worker using the same judge name in the namespace shares one set of budgets
     -- also across jobs (training and a concurrent ``rlsys judge score``), which is why the actor
-    is detached: it outlives the job that created it. An existing limiter with other budgets is
-    reconfigured to the caller's (the latest config wins; a warning says so) rather than a
-    second limiter being made, which would silently double the rate at the endpoint.
+    is detached: it outlives the job that created it (the permits of a run's workers end with
+    them, so the next run under the same name starts at once). An existing limiter with other
+    budgets is reconfigured to the caller's (the latest config wins, for every job using the
+    name; a warning names the changed fields) rather than a second limiter being made, which
+    would silently double the rate at the endpoint.
     """
     import ray
 
     limits = limits_for(cfg)
     # Restarted if its node dies; calls in flight are retried (a duplicate acquire only costs a
-    # permit that expires with its lease).
+    # permit that ends with its holder or its lease).
     actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1, max_task_retries=3)(LimiterService)
-    handle = actor_cls.options(
-        name=limiter_actor_name(cfg.name), namespace=namespace, get_if_exists=True, lifetime="detached"
-    ).remote(limits)
+    name = limiter_actor_name(cfg.name)
+    handle = actor_cls.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached").remote(limits)
     existing = ray.get(handle.limits.remote())
     if existing != limits:
-        log.warning("judge limiter %s: budgets changed from %s to %s", limiter_actor_name(cfg.name), existing, limits)
+        changed = ", ".join(f"{f.name} {getattr(existing, f.name)} -> {getattr(limits, f.name)}"
+                            for f in fields(Limits) if getattr(existing, f.name) != getattr(limits, f.name))
+        log.warning("judge limiter %s: reconfigured to this run's settings (%s); the latest config applies to "
+                    "every job using judge name %r", name, changed, cfg.name)
         ray.get(handle.reconfigure.remote(limits))
     return handle

