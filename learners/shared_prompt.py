@@ -155,12 +155,8 @@ def shared_prompt_logprobs(model: nn.Module, sp: "SharedPrompt | PackedSharedPro
     from_resp = n_p * p_max + rows * r_max + (r - 1).clamp(min=0)
     source = torch.where(r == 0, from_prompt, from_resp)
     targets = sp.resp_ids[rows, r]
-    logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), flat, source, targets, chunk_tokens,
-                                      num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
-    dest = rows * t1 + cols
-    logp = logp_sel.new_zeros(b * t1).index_copy(0, dest, logp_sel).view(b, t1)
-    entropy = None if ent_sel is None else ent_sel.new_zeros(b * t1).index_copy(0, dest, ent_sel).view(b, t1)
-    return logp, entropy
+    return _head_into_rows(model, flat, source, targets, rows * t1 + cols, (b, t1), chunk_tokens, num_chunks,
+                           with_entropy, temperature)
 
 
 @dataclass
@@ -245,9 +241,18 @@ def packed_shared_prompt_logprobs(model: nn.Module, sp: PackedSharedPrompt, targ
     from_resp = n_prompt_tok + sp.resp_starts[rows] + (r - 1).clamp(min=0)
     source = torch.where(r == 0, from_prompt, from_resp)
     targets = sp.resp_ids[0].index_select(0, sp.resp_starts[rows] + r)
+    return _head_into_rows(model, flat, source, targets, rows * t1 + cols, (b, t1), chunk_tokens, num_chunks,
+                           with_entropy, temperature)
+
+
+def _head_into_rows(model: nn.Module, flat: torch.Tensor, source: torch.Tensor, targets: torch.Tensor,
+                    dest: torch.Tensor, shape: tuple[int, int], chunk_tokens: int, num_chunks: int | None,
+                    with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) of `targets` from the hidden states `flat[source]`, placed at the
+    flat positions `dest` of zero [b, T-1] tensors: the per-row layout the loss works on."""
     logp_sel, ent_sel = head_logprobs(model.get_output_embeddings(), flat, source, targets, chunk_tokens,
                                       num_chunks=num_chunks, with_entropy=with_entropy, temperature=temperature)
-    dest = rows * t1 + cols
-    logp = logp_sel.new_zeros(b * t1).index_copy(0, dest, logp_sel).view(b, t1)
-    entropy = None if ent_sel is None else ent_sel.new_zeros(b * t1).index_copy(0, dest, ent_sel).view(b, t1)
+    n = shape[0] * shape[1]
+    logp = logp_sel.new_zeros(n).index_copy(0, dest, logp_sel).view(shape)
+    entropy = None if ent_sel is None else ent_sel.new_zeros(n).index_copy(0, dest, ent_sel).view(shape)
     return logp, entropy

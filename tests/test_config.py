@@ -7,14 +7,6 @@ import pytest
 from rlsys.config import ConfigError, load_config
 
 
-@pytest.fixture
-def base(tmp_path):
-    (tmp_path / "model").mkdir()
-    data = tmp_path / "train.jsonl"
-    data.write_text("{}\n")
-    return {"model": {"path": str(tmp_path / "model")}, "data": {"path": str(data)}}
-
-
 def test_valid_config_and_overrides(base):
     cfg = load_config(base=base, overrides=["rollout.group_size=6", "learner.lr=1e-6", "reward.aggregation=sum_then_norm"])
     assert cfg.rollout.group_size == 6 and cfg.learner.lr == 1e-6

@@ -78,14 +78,6 @@ def test_heap_retention_limit(monkeypatch):
     assert limit_heap_retention() is False
 
 
-@pytest.fixture
-def base(tmp_path):
-    (tmp_path / "model").mkdir()
-    data = tmp_path / "train.jsonl"
-    data.write_text("{}\n")
-    return {"model": {"path": str(tmp_path / "model")}, "data": {"path": str(data)}}
-
-
 @pytest.mark.parametrize("value", ["0", "-1", "big", "100000"])
 def test_bad_bucket_size_names_the_key(base, value):
     with pytest.raises(ConfigError) as e:

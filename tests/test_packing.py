@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from learners.engine_setup import LogprobModule
-from learners.logprobs import VARLEN_ATTENTION, enable_varlen_attention, num_chunks_for, packing_unsupported
+from learners.logprobs import VARLEN_ATTENTION, enable_varlen_attention, packing_unsupported
 from learners.microbatches import build_micro_batches, filler_micro_batch
 from rlsys.models import build_tiny_model
+
+from logprob_checks import objective_grads, row_logprobs
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
@@ -50,40 +52,9 @@ def _batch(spec: list[tuple[int, list[int]]], seed: int = 0) -> dict:
 SPEC = [(19, [5, 9, 1, 7]), (6, [12]), (11, [3, 30, 2]), (3, [14, 4])]
 
 
-def _logprobs(module, mbs) -> dict[tuple, tuple]:
-    """Per row (keyed by its tokens): log-probs, entropy and target mask in the [T-1] layout."""
-    out = {}
-    with torch.no_grad():
-        for m in mbs:
-            k = num_chunks_for(int(m.target_mask.sum()), module.chunk_tokens)
-            lp, ent = module(m.input_ids, m.attention_mask, m.target_mask, k, True, shared=m.layout)
-            for j in range(m.n_real):
-                n = int(m.attention_mask[j].sum())
-                out[tuple(m.input_ids[j, :n].tolist())] = (lp[j, :n - 1], ent[j, :n - 1], m.target_mask[j, :n - 1])
-    return out
-
-
-def _objective_grads(module, mbs) -> dict[str, torch.Tensor]:
-    """Gradient of sum over rows of <c_row, logp_row>, c_row a fixed random vector per row (keyed
-    by the row's tokens, so any micro-batch layout computes the same function)."""
-    for m in mbs:
-        k = num_chunks_for(int(m.target_mask.sum()), module.chunk_tokens)
-        lp, _ = module(m.input_ids, m.attention_mask, m.target_mask, k, shared=m.layout)
-        total = lp.sum() * 0.0
-        for j in range(m.n_real):
-            n = int(m.attention_mask[j].sum())
-            key = tuple(m.input_ids[j, :n].tolist())
-            c = torch.randn(n - 1, generator=torch.Generator().manual_seed(sum(key) * 31 + n))
-            total = total + (lp[j, :n - 1] * c).sum()
-        total.backward()
-    out = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
-    module.model.zero_grad(set_to_none=True)
-    return out
-
-
 def _compare(module, packed_mbs, plain_module, batch):
     per_sample = build_micro_batches(batch, 1, 0)  # one row each: the unpadded per-sample forward
-    got, want = _logprobs(module, packed_mbs), _logprobs(plain_module, per_sample)
+    got, want = row_logprobs(module, packed_mbs), row_logprobs(plain_module, per_sample)
     assert set(got) == set(want) and len(got) == len(batch["input_ids"])
     for key, (lp, ent, tm) in got.items():
         lp_w, ent_w, tm_w = want[key]
@@ -91,7 +62,7 @@ def _compare(module, packed_mbs, plain_module, batch):
         assert torch.allclose(lp, lp_w, **TOL), (lp - lp_w).abs().max()
         assert torch.allclose(ent[tm], ent_w[tm], atol=1e-4)
         assert (lp[~tm] == 0).all()
-    g_k, g_p = _objective_grads(module, packed_mbs), _objective_grads(plain_module, per_sample)
+    g_k, g_p = objective_grads(module, packed_mbs), objective_grads(plain_module, per_sample)
     assert set(g_k) == set(g_p)
     for n in g_p:
         assert torch.allclose(g_k[n], g_p[n], **TOL), (n, (g_k[n] - g_p[n]).abs().max())
@@ -135,11 +106,11 @@ def test_padded_path_unchanged_by_the_switch(tiny_dir):
     plain = LogprobModule(model, 64)
     batch = _batch(SPEC, seed=5)
     mbs = build_micro_batches(batch, 4, 0)
-    before = _logprobs(plain, mbs)
+    before = row_logprobs(plain, mbs)
     assert packing_unsupported(model) is None
     enable_varlen_attention(model)
     assert model.config._attn_implementation == VARLEN_ATTENTION
-    after = _logprobs(plain, mbs)
+    after = row_logprobs(plain, mbs)
     for key in before:
         assert torch.equal(before[key][0], after[key][0])
     # Not written into a saved config (vLLM and transformers read the checkpoint as before).

@@ -10,8 +10,6 @@ cpu_scheduler_args`).
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -55,19 +53,6 @@ def _prompt(i: int, phrases: int = 19) -> list[dict[str, str]]:
     """~500 tokens with the tiny model's tokenizer, different per prompt."""
     return [{"role": "user", "content": f"Story {i}: " + " ".join(
         f"the lighthouse keeper {i} counted {j} waves" for j in range(phrases))}]
-
-
-@pytest.fixture
-def ray_local():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="rlsys-longprefill-ray-", dir="/tmp")  # short: Ray's socket paths
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stream(ray, worker, prompts, sampling, n) -> dict[int, dict]:

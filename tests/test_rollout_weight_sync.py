@@ -3,9 +3,7 @@ local Ray and vLLM engine (the test process plays the learner's rank 0)."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,19 +99,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_local():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="rlsys-rollout-test-ray-", dir="/tmp")  # short: Ray's socket paths
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_group(res: dict, n: int, version: int) -> None:

@@ -10,9 +10,10 @@ import torch
 
 from learners.engine_setup import LogprobModule
 from learners.microbatches import build_micro_batches, filler_micro_batch
-from learners.logprobs import num_chunks_for
 from rlsys.batching import split_for_ranks
 from rlsys.models import build_tiny_model
+
+from logprob_checks import objective_grads, row_logprobs
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
@@ -45,41 +46,6 @@ def _groups(spec: list[tuple[int, list[int]]], seed: int = 0, interleave: bool =
             "advantages": [float(torch.randn(1, generator=g)) for _ in rows]}
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def _logprobs(module, mbs) -> dict[tuple, tuple]:
-    """Per row (keyed by its tokens): log-probs, entropy and target mask in the [T-1] layout."""
-    out = {}
-    with torch.no_grad():
-        for m in mbs:
-            k = num_chunks_for(int(m.target_mask.sum()), module.chunk_tokens)
-            lp, ent = module(m.input_ids, m.attention_mask, m.target_mask, k, True, shared=m.shared)
-            for j in range(m.n_real):
-                n = int(m.attention_mask[j].sum())
-                out[tuple(m.input_ids[j, :n].tolist())] = (lp[j, :n - 1], ent[j, :n - 1], m.target_mask[j, :n - 1])
-    return out
-
-
-def _objective_grads(module, mbs) -> dict[str, torch.Tensor]:
-    """Gradient of sum over rows of <c_row, logp_row>, c_row a fixed random vector per row (keyed
-    by the row's tokens, so any micro-batch layout computes the same function)."""
-    for m in mbs:
-        k = num_chunks_for(int(m.target_mask.sum()), module.chunk_tokens)
-        lp, _ = module(m.input_ids, m.attention_mask, m.target_mask, k, shared=m.shared)
-        total = lp.sum() * 0.0
-        for j in range(m.n_real):
-            n = int(m.attention_mask[j].sum())
-            key = tuple(m.input_ids[j, :n].tolist())
-            c = torch.randn(n - 1, generator=torch.Generator().manual_seed(sum(key) * 31 + n))
-            total = total + (lp[j, :n - 1] * c).sum()
-        total.backward()
-    return _grads(module.model)
-
-
 @pytest.mark.parametrize("checkpointing,micro,chunk", [(False, 8, 1024), (True, 3, 5)])
 def test_shared_forward_equals_per_sample(tiny_dir, checkpointing, micro, chunk):
     """Groups of 3 and 1 samples with prompts of 19, 6 and 11 tokens and ragged responses; with
@@ -93,9 +59,9 @@ def test_shared_forward_equals_per_sample(tiny_dir, checkpointing, micro, chunk)
     mbs_shared = build_micro_batches(batch, micro, 0, shared_prompt=True)
     assert all(m.shared is not None for m in mbs_shared)
     assert sum(m.encoded_tokens for m in mbs_shared) < sum(int(m.attention_mask.sum()) for m in mbs_shared)
-    got = _logprobs(shared, mbs_shared)
+    got = row_logprobs(shared, mbs_shared)
     per_sample = build_micro_batches(batch, 1, 0)  # one row each: the plain per-sample forward
-    want = _logprobs(plain, per_sample)
+    want = row_logprobs(plain, per_sample)
     assert set(got) == set(want) and len(got) == len(batch["input_ids"])
     for key, (lp, ent, tm) in got.items():
         lp_w, ent_w, tm_w = want[key]
@@ -103,8 +69,8 @@ def test_shared_forward_equals_per_sample(tiny_dir, checkpointing, micro, chunk)
         assert torch.allclose(lp, lp_w, **TOL)
         assert torch.allclose(ent[tm], ent_w[tm], atol=1e-4)
         assert (lp[~tm] == 0).all()
-    g_s = _objective_grads(shared, mbs_shared)
-    g_p = _objective_grads(plain, per_sample)
+    g_s = objective_grads(shared, mbs_shared)
+    g_p = objective_grads(plain, per_sample)
     assert set(g_s) == set(g_p)
     for n in g_p:
         assert torch.allclose(g_s[n], g_p[n], **TOL), (n, (g_s[n] - g_p[n]).abs().max())
@@ -127,8 +93,8 @@ def test_shared_forward_with_lora(tiny_dir):
 
     mbs = build_micro_batches(batch, 8, 0, shared_prompt=True)
     per_sample = build_micro_batches(batch, 1, 0)
-    lp_s, lp_p = _logprobs(shared, mbs), _logprobs(plain, per_sample)
-    g_s, g_p = _objective_grads(shared, mbs), _objective_grads(plain, per_sample)
+    lp_s, lp_p = row_logprobs(shared, mbs), row_logprobs(plain, per_sample)
+    g_s, g_p = objective_grads(shared, mbs), objective_grads(plain, per_sample)
     assert any("lora_A" in n for n in g_s) and set(g_s) == set(g_p)
     for key in lp_p:
         assert torch.allclose(lp_s[key][0], lp_p[key][0], **TOL)
