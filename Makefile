@@ -54,13 +54,20 @@ test-fast: install
 demo-polaris: install
 	$(VENV)/bin/rlsys demo polaris
 
+# Each writes benchmarks/results/<name>.json and prints its table (README "Benchmarks").
 bench: install
 	$(PY) benchmarks/judge_throughput.py
 	$(PY) benchmarks/learning_curve.py
 	$(PY) benchmarks/rollout_overhead.py
 	$(PY) benchmarks/weight_sync.py
-	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0.
-	$(PY) benchmarks/e2e_vs_trl.py
+	$(PY) benchmarks/learner_throughput.py --modes per_sample,shared
+	$(PY) benchmarks/learner_throughput.py --mixes varied,long_prompt \
+	    --out benchmarks/results/learner_throughput_packing.json
+	$(PY) benchmarks/learner_memory.py
+	$(PY) benchmarks/pipeline_overlap.py
+	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0. One learner rank with
+	@# every core, like TRL's one process (on 2 cores faster and smaller than two ranks).
+	$(PY) benchmarks/e2e_vs_trl.py --prompts 4 --override learner.num_ranks=1
 
 # TRL for benchmarks/e2e_vs_trl.py only, never a runtime dependency: into .bench-deps/ (the
 # benchmark's TRL subprocess puts it on sys.path), so .venv stays as `make install` made it.

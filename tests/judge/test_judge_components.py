@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from fake_judge_server import max_in_window
 from rlsys.judge.cache import JudgeCache, cache_key
 from rlsys.judge.config import JudgeConfig, JudgeConfigError, MissingApiKeyError, judge_config_from_dict, load_judge_config
-from rlsys.judge.limiter import (HolderGone, Limits, LimiterCore, LocalLimiter, Permit, PermitTooLarge,
-                                limits_for)
+from rlsys.judge.limiter import (AcquireAbandoned, HolderGone, Limits, LimiterCore, LimiterService, LocalLimiter,
+                                Permit, PermitTooLarge, RayLimiterClient, limits_for)
 from rlsys.judge.metrics import JudgeMetrics, percentile
 from rlsys.judge.resilience import (CircuitBreaker, ServerLimits, backoff_delay, parse_duration,
                                     parse_rate_limit_headers, parse_retry_after)
@@ -139,6 +139,78 @@ def test_local_limiter_refuses_the_waiting_acquires_of_an_ended_holder():
         assert lim.busy_holders() == {"run2/0"}
 
     asyncio.run(main())
+
+
+class _Ref:
+    """Stands in for a Ray ObjectRef: awaitable any number of times, and a caller that stops
+    awaiting it does not cancel the call (it goes on in the actor)."""
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+
+    def __await__(self):
+        return asyncio.shield(self.task).__await__()
+
+
+class _Handle:
+    """A ``LimiterService`` behind an actor-handle-like ``handle.method.remote(...)``, whose
+    acquire replies reach the caller ``reply_delay_s`` after the grant (transit)."""
+
+    def __init__(self, service: LimiterService, reply_delay_s: float = 0.0) -> None:
+        self.service, self.reply_delay_s = service, reply_delay_s
+
+    def __getattr__(self, name: str):
+        method = getattr(self.service, name)
+        delay = self.reply_delay_s if name == "acquire" else 0.0
+
+        async def call(*args):
+            out = await method(*args)
+            await asyncio.sleep(delay)
+            return out
+
+        return type("Method", (), {"remote": staticmethod(lambda *a: _Ref(asyncio.ensure_future(call(*a))))})
+
+
+def test_abandoned_acquire_never_holds_a_permit_whatever_the_order():
+    """A caller that stops waiting for a permit leaves none behind: its acquire is cancelled while
+    it waits in the limiter, refused if the abandon got there first, and -- granted with the reply
+    still in transit when the caller gave up -- handed back unused on arrival."""
+    limits = Limits(requests=100, tokens=None, concurrency=1, window_s=1.0, lease_s=50.0)
+
+    async def waiting_in_the_limiter() -> None:
+        svc = LimiterService(limits)
+        first = await svc.acquire(1, "run/0", "r1")
+        waiting = asyncio.ensure_future(svc.acquire(1, "run/0", "r2"))
+        await asyncio.sleep(0.05)
+        await svc.abandon("r2")
+        with pytest.raises(AcquireAbandoned):
+            await asyncio.wait_for(waiting, 1)
+        await svc.release(first)
+        await asyncio.wait_for(svc.acquire(1, "run/0", "r3"), 1)  # the slot went to nobody else
+        await svc.abandon("r4")  # abandoned before its acquire arrived
+        with pytest.raises(AcquireAbandoned):
+            await svc.acquire(1, "run/0", "r4")
+
+    async def granted_in_transit() -> None:
+        svc = LimiterService(limits)
+        client = RayLimiterClient(_Handle(svc, reply_delay_s=0.3), "run/0")
+        first = await client.acquire(1)
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.05)
+            await client.release(first)
+
+        releasing = asyncio.ensure_future(release_soon())
+        with pytest.raises(asyncio.TimeoutError):  # granted at 0.05 s, but the reply lands at 0.35 s
+            await asyncio.wait_for(client.acquire(1), 0.15)
+        await releasing
+        assert svc._inner.core.in_flight() == 1  # granted to a caller that has gone
+        second = await asyncio.wait_for(client.acquire(1), 2)  # handed back as soon as it arrives
+        assert svc._inner.core.in_flight() == 1
+        await client.release(second)
+
+    asyncio.run(waiting_in_the_limiter())
+    asyncio.run(granted_in_transit())
 
 
 def test_limits_for_scales_per_minute_budgets():
