@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from actors.rollout_convert import (check_no_split_prefill, convert_request_output, cpu_scheduler_args,
-                                    make_sampling_params)
+                                    engine_in_process_on_cpu, make_sampling_params)
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ class RolloutWorker:
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
-        if self.on_cpu and cpu_engine_in_process:  # read when the LLM is built (vllm.envs is lazy)
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        engine_in_process_on_cpu(cpu_engine_in_process)
         # The legacy env var would override the explicit byte count below (and is whole GiB).
         if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
             log.info("ignoring VLLM_CPU_KVCACHE_SPACE; using kv_cache_gib=%s", kv_cache_gib)

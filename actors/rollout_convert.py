@@ -2,6 +2,7 @@
 from the Ray actor so they can be tested without an engine."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 # Per-prompt seed stride: vLLM seeds a prompt's n samples seed, seed+1, ..., seed+n-1, so
@@ -13,6 +14,19 @@ SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 # vLLM 0.32's defaults for an offline `LLM` on CPU (EngineArgs.get_batch_defaults, world size 1).
 CPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def engine_in_process_on_cpu(enabled: bool) -> bool:
+    """On CPU, have the next `vllm.LLM` built in this process run its engine core and worker
+    here too (VLLM_ENABLE_V1_MULTIPROCESSING=0, read when the LLM is built): in vLLM's own
+    processes the engine core reserves a core for a busy-waiting scheduler and binds the worker
+    to the rest (`RolloutConfig.cpu_engine_in_process`). GPU: nothing changes. True when set."""
+    from vllm.platforms import current_platform
+
+    if not (enabled and current_platform.is_cpu()):
+        return False
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return True
 
 
 def cpu_scheduler_args(max_model_len: int, max_num_batched_tokens: int | None = None,

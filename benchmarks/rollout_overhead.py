@@ -95,14 +95,14 @@ def bare_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     os.nice(max(0, spec["niceness"] - os.nice(0)))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    if spec["cpu_engine_in_process"]:  # as RolloutWorker builds it (the GPU ignores it there too)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
     from vllm import LLM
     from vllm.platforms import current_platform
 
     from actors.rollout import EXTENSION, GIB
-    from actors.rollout_convert import cpu_scheduler_args, make_sampling_params
+    from actors.rollout_convert import cpu_scheduler_args, engine_in_process_on_cpu, make_sampling_params
+
+    engine_in_process_on_cpu(spec["cpu_engine_in_process"])  # as RolloutWorker builds it
 
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     ids = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
@@ -143,7 +143,7 @@ class BareEngine:
         spec = {"model_dir": model_dir, "dtype": cfg.weights_dtype(), "engine_seed": cfg.seed,
                 "max_model_len": cfg.rollout.max_model_len, "enforce_eager": cfg.rollout.enforce_eager,
                 "kv_cache_gib": cfg.rollout.kv_cache_gib, "group_size": cfg.rollout.group_size,
-                "cpu_engine_in_process": cfg.rollout.cpu_engine_in_process and not cfg.rollout.num_gpus,
+                "cpu_engine_in_process": cfg.rollout.cpu_engine_in_process,
                 "messages": [e.messages for e in examples], "warmup_tokens": warmup_tokens, "niceness": niceness,
                 "sampling": [_sampling(cfg.rollout, _step_seed(cfg, r)) for r in range(repeats)]}
         spec_path = tmp / "bare_spec.json"
