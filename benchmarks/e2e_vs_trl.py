@@ -15,8 +15,11 @@ What is measured, per framework, each in its own subprocess, one after the other
 * **peak memory of the whole process tree**: the subprocess plus every descendant (Ray's head,
   raylet, actors, vLLM's engine core and worker for rlsys; the single Python process for TRL),
   sampled every `--interval` s by the same monitor thread here: the sum of RSS (primary; shared
-  pages count once per process) and the sum of PSS (shared pages split between the processes that
-  map them, from /proc/PID/smaps_rollup). The tree starts from nothing, so its idle baseline is 0;
+  pages count once per process) and, every `--pss-interval` s, the sum of PSS (shared pages split
+  between the processes that map them, from /proc/PID/smaps_rollup: the kernel walks each
+  process's page tables, ~0.15 CPU-s for rlsys's 14 processes, so sampling it every 0.5 s took
+  ~20 % of a core from the run it measured, more from rlsys's many processes than from TRL's one).
+  The monitor's own CPU seconds are recorded (`monitor_cpu_s`). The tree starts from nothing, so its idle baseline is 0;
   the machine-wide used memory (MemTotal - MemAvailable) above its idle baseline just before the
   run is recorded too, but other users of the machine move it. Goal rlsys/TRL peak <= 0.5.
 
@@ -94,7 +97,7 @@ NOTES = [
     "outputs, but bf16 matmuls are emulated on CPUs without AMX/AVX512-BF16 and its start-up compiles (~4 min).",
     "Ray runs rlsys's actors at nice 15 and TRL runs at nice 0: on a machine shared with other work rlsys yields "
     "the cores first (see loadavg_before/after); compare on a quiet machine.",
-    "Peak memory: sums over the process tree, sampled every `interval` s (a shorter spike can be missed); RSS "
+    "Peak memory: sums over the process tree, RSS sampled every `interval` s and PSS every `pss_interval` s (a shorter spike can be missed); RSS "
     "counts shared pages (libraries, Ray's object store) once per process, PSS splits them.",
 ]
 
@@ -253,11 +256,14 @@ class TreeMemoryMonitor(threading.Thread):
     the sum of their PSS, their number, and the machine's used memory. Keeps the peaks, the
     processes at the RSS peak, and every descendant it saw (to clean up after the run)."""
 
-    def __init__(self, pid: int, interval: float) -> None:
+    def __init__(self, pid: int, interval: float, pss_interval: float | None = None) -> None:
         super().__init__(name="tree-memory-monitor", daemon=True)
         import psutil
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.pss_interval = interval if pss_interval is None else pss_interval
+        self._last_pss = -float("inf")
+        self.cpu_s = 0.0  # this thread's CPU time: what measuring took from the machine
         self.seen: dict[int, Any] = {pid: self.root}
         self.peak_rss = self.peak_pss = self.peak_system = 0
         self.peak_procs = self.samples = 0
@@ -268,10 +274,13 @@ class TreeMemoryMonitor(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
-            if not self.sample():
-                return
-            self._stop_event.wait(self.interval)
+        try:
+            while not self._stop_event.is_set():
+                if not self.sample():
+                    return
+                self._stop_event.wait(self.interval)
+        finally:
+            self.cpu_s = time.thread_time()
 
     def sample(self) -> bool:
         """One sample; False once the root process is gone."""
@@ -281,6 +290,9 @@ class TreeMemoryMonitor(threading.Thread):
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return False
         rss, pss, parts = 0, 0, []
+        with_pss = time.monotonic() - self._last_pss >= self.pss_interval
+        if with_pss:
+            self._last_pss = time.monotonic()
         for p in procs:
             self.seen.setdefault(p.pid, p)
             try:
@@ -288,7 +300,8 @@ class TreeMemoryMonitor(threading.Thread):
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             rss += r
-            pss += _pss_bytes(p.pid)
+            if with_pss:
+                pss += _pss_bytes(p.pid)
             parts.append((r, p))
         self.samples += 1
         self.peak_pss = max(self.peak_pss, pss)
@@ -351,6 +364,7 @@ class RunRecord:
     peak_processes: int
     peak_breakdown: list[dict[str, Any]]
     samples: int
+    monitor_cpu_s: float
     loadavg_before: list[float]
     loadavg_after: list[float]
     killed_leftovers: list[int]
@@ -358,7 +372,7 @@ class RunRecord:
 
 
 def run_monitored(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
-                  interval: float) -> RunRecord:
+                  interval: float, pss_interval: float | None = None) -> RunRecord:
     """Run `cmd` (its own session, output to `log_path`) under a `TreeMemoryMonitor`; stop it
     and its descendants past `timeout_s`; afterwards stop any descendant still running (Ray's
     processes normally exit with their driver)."""
@@ -369,7 +383,7 @@ def run_monitored(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        mon = TreeMemoryMonitor(proc.pid, interval)
+        mon = TreeMemoryMonitor(proc.pid, interval, pss_interval)
         mon.start()
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -400,7 +414,8 @@ def run_monitored(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s
         peak_rss_gib=round(mon.peak_rss / GIB, 3), peak_pss_gib=round(mon.peak_pss / GIB, 3),
         peak_system_above_idle_gib=round(max(0, mon.peak_system - idle) / GIB, 3),
         idle_system_used_gib=round(idle / GIB, 3), peak_processes=mon.peak_procs,
-        peak_breakdown=mon.peak_breakdown, samples=mon.samples, loadavg_before=load_before,
+        peak_breakdown=mon.peak_breakdown, samples=mon.samples, monitor_cpu_s=round(mon.cpu_s, 1),
+        loadavg_before=load_before,
         loadavg_after=[round(x, 2) for x in os.getloadavg()], killed_leftovers=killed, log=str(log_path))
 
 
@@ -463,7 +478,7 @@ def run_rlsys(w: Workload, tree: dict, run_dir: Path, args: argparse.Namespace) 
     config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
     cmd = rlsys_command(config_path)
     log.info("rlsys: %s (%d steps, log %s)", " ".join(cmd), w.total_steps, run_dir / "rlsys.log")
-    rec = run_monitored(cmd, dict(os.environ), run_dir / "rlsys.log", args.timeout_s, args.interval)
+    rec = run_monitored(cmd, dict(os.environ), run_dir / "rlsys.log", args.timeout_s, args.interval, args.pss_interval)
     result: dict[str, Any] = {"command": cmd, "config": str(config_path), "run": asdict(rec)}
     metrics_path = Path(tree["train"]["output_dir"]) / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
@@ -509,7 +524,7 @@ def run_trl(w: Workload, rows: list[dict[str, Any]], run_dir: Path, args: argpar
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, str(Path(__file__).resolve()), TRL_WORKER, str(spec), str(out)]
     log.info("TRL (%s, from %s): %d steps, log %s", args.trl_generation, where[0], w.total_steps, run_dir / "trl.log")
-    rec = run_monitored(cmd, env, run_dir / "trl.log", args.timeout_s, args.interval)
+    rec = run_monitored(cmd, env, run_dir / "trl.log", args.timeout_s, args.interval, args.pss_interval)
     result: dict[str, Any] = {"command": cmd, "trl_from": where[0], "generation": args.trl_generation,
                               "run": asdict(rec)}
     worker: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
@@ -727,7 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("both", "rlsys", "trl"), default="both")
     ap.add_argument("--trl-generation", choices=("hf", "vllm-colocate"), default="hf",
                     help="TRL's generation backend: Hugging Face generate (default) or colocated vLLM")
-    ap.add_argument("--interval", type=float, default=0.5, help="memory sampling interval (s)")
+    ap.add_argument("--interval", type=float, default=0.5, help="RSS sampling interval (s)")
+    ap.add_argument("--pss-interval", type=float, default=5.0,
+                    help="PSS sampling interval (s): reading PSS costs the machine ~0.15 CPU-s per sample")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="limit per framework run")
     ap.add_argument("--workdir", default=None, help="where configs, logs and runs go (default: a new temp dir)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))

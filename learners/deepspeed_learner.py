@@ -21,8 +21,8 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from learners import checkpoint_io
-from learners.engine_setup import (LogprobModule, ds_config, limit_heap_retention, load_hf, load_reference,
-                                    model_dtype, module_numel)
+from learners.engine_setup import (LogprobModule, ds_config, keep_clip_norm, limit_heap_retention, load_hf,
+                                   load_reference, model_dtype, module_numel)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
@@ -49,8 +49,9 @@ class DeepSpeedLearner:
         `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
         reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
-        if learner_cfg.heap_mmap_threshold_mib is not None:  # freed activations go back to the OS
-            limit_heap_retention(int(learner_cfg.heap_mmap_threshold_mib * 2**20))
+        heap_mib = learner_cfg.heap_threshold_mib()
+        if heap_mib is not None:  # freed activations go back to the OS
+            limit_heap_retention(int(heap_mib * 2**20))
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
         self.lc, self.ac = learner_cfg, algo_cfg
         # Ray gives a GPU actor only its own device (CUDA_VISIBLE_DEVICES), so it is index 0 there.
@@ -84,6 +85,8 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
                                                config=ds_config(learner_cfg, self.dtype, train=True,
                                                                  model_numel=module_numel(policy)))
+        if learner_cfg.zero_stage == 0:
+            keep_clip_norm(self.engine)
         self.device = self.engine.device
         self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
         # The reference policy: for a KL penalty or a preference loss. With LoRA it is the base

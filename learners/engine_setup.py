@@ -117,6 +117,22 @@ def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool, model_numel
     return cfg
 
 
+def keep_clip_norm(engine: Any) -> None:
+    """Make `engine.get_global_grad_norm()` report the norm under ZeRO stage 0 in fp32 too.
+
+    There DeepSpeed clips the (already all-reduced) gradients with its `clip_grad_norm_` inside
+    `step()` and drops the norm that returns, so the norm would be None. The replacement does
+    the same clip and keeps the norm where `get_global_grad_norm` reads it. Where DeepSpeed no
+    longer calls `clip_fp32_gradients`, nothing changes (the norm stays None)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
 HEAP_MMAP_THRESHOLD = 1 << 20  # bytes; see limit_heap_retention
 
 

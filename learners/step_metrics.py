@@ -69,7 +69,7 @@ class StepStats:
 
     def add_optimizer_step(self, norm: float | torch.Tensor | None) -> None:
         # DeepSpeed's norm is already global (same on every rank): divide the SUM by W later.
-        # None under ZeRO stage 0 in fp32, where DeepSpeed clips without keeping the norm.
+        # None if DeepSpeed kept no norm (ZeRO-0 in fp32 unless engine_setup.keep_clip_norm).
         self.sums["grad_norm"] += float(norm) if norm is not None else float("nan")
         self.sums["optimizer_steps"] += 1
 

@@ -62,9 +62,15 @@ def connect(cfg: ClusterConfig) -> None:
     temp_dir = tempfile.mkdtemp(prefix="rlsys-ray-", dir="/tmp")
     log.info("starting a local Ray head (%d logical CPUs, temp dir %s)", cfg.num_cpus, temp_dir)
     with _keep_sigterm_handler():
+        # No idle workers kept: Ray keeps up to one per logical CPU for plain tasks, but the
+        # run's only tasks are a few at start-up and every actor gets a worker of its own (its
+        # own env vars), so they would only hold memory (3-4 of them, 0.38 GiB, in
+        # benchmarks/e2e_vs_trl.py). A task still gets a worker when it is submitted.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=temp_dir,
                  object_store_memory=int(cfg.object_store_gib * (1 << 30)), log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False,
+                 _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False,
+                                 "num_workers_soft_limit": 0})
 
 
 @contextlib.contextmanager

@@ -383,9 +383,16 @@ class LoraConfig(Strict):
 class LearnerConfig(Strict):
     num_ranks: int = Field(default=2, ge=1)
     """DeepSpeed data-parallel ranks (one Ray actor each)."""
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    """DeepSpeed ZeRO stage. With one rank, 0: ZeRO-3 then only adds partition gathers
-    (benchmarks/e2e_vs_trl.py on 2 cores: 58.0 vs 65.4 s/step, 8.8 vs 10.7 GiB)."""
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    """DeepSpeed ZeRO stage; auto (resolved when the config is read): 3 with several ranks, 0
+    with one, where partitioning has nothing to split and ZeRO-3 only adds gathers
+    (benchmarks/e2e_vs_trl.py, one rank on 2 cores: 58.0 vs 65.4 s/step, 8.8 vs 10.7 GiB)."""
+
+    @model_validator(mode="after")
+    def _resolve_zero_stage(self) -> "LearnerConfig":
+        if self.zero_stage == "auto":  # __dict__: no re-validation of the assignment
+            self.__dict__["zero_stage"] = 0 if self.num_ranks == 1 else 3
+        return self
     lr: float = Field(default=5e-6, gt=0.0)
     """AdamW learning rate (recipe A: 5e-6)."""
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -417,12 +424,29 @@ class LearnerConfig(Strict):
     model's bytes, clamped to 4-64 MiB. DeepSpeed's own defaults (5e8-element buckets: 2 GB per
     rank in fp32) exceed a small model several times over; GPU runs of large models may want
     a few hundred MiB."""
-    heap_mmap_threshold_mib: float | None = Field(default=1.0, gt=0.0, le=512.0)
+    heap_mmap_threshold_mib: float | Literal["auto"] | None = "auto"
     """Host allocations of this many MiB and more are served by mmap in each learner rank, so
-    freed activations go back to the OS instead of staying resident in glibc's heap (measured on
-    SmolLM2-135M fp32, 2-core CPU: 1.15 GiB less per rank, 8 % slower step). null: glibc's own
-    adaptive threshold (faster, more memory). Linux/glibc only; MALLOC_MMAP_THRESHOLD_ in the
+    freed activations go back to the OS instead of staying resident in glibc's heap. null:
+    glibc's own adaptive threshold. auto: 1 MiB under ZeRO-3, null otherwise. Measured on
+    SmolLM2-135M fp32, 2-core CPU (benchmarks/learner_memory.py): 2 ZeRO-3 ranks, 1.5 GiB less
+    per rank for a 10 % slower step (ZeRO-3's gathered parameters are what the heap kept); one
+    ZeRO-0 rank, 0.4 GiB less for a 20 % slower step (every freed activation page is faulted in
+    again), 4 MiB: 31.8 vs 31.1 s, 4.19 vs 4.23 GiB. Linux/glibc only; MALLOC_MMAP_THRESHOLD_ in the
     environment wins."""
+
+    @field_validator("heap_mmap_threshold_mib")
+    @classmethod
+    def _heap_threshold_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and not 0.0 < v <= 512.0:
+            raise ValueError(f"heap_mmap_threshold_mib={v}: give MiB in (0, 512], 'auto' or null")
+        return v
+
+    def heap_threshold_mib(self) -> float | None:
+        """The heap threshold this learner sets (`heap_mmap_threshold_mib` with auto resolved)."""
+        if self.heap_mmap_threshold_mib == "auto":
+            return 1.0 if self.zero_stage == 3 else None
+        return self.heap_mmap_threshold_mib
+
     shared_prompt: bool = True
     """Shared-prompt group forward: the samples of a group (which share one prompt) are kept in
     one micro-batch where they fit, the prompt is encoded once and every response attends to

@@ -112,6 +112,7 @@ class ProcessGroupTransport(WeightTransport):
         self._store = store
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.bucket_bytes = bucket_bytes
+        self.last_receive_buffers: dict[str, int] = {}  # buffers the last receive allocated / reused
 
     def send(self, metas: list[TensorMeta], tensors: Iterable[torch.Tensor]) -> None:
         """A tensor that travels alone (one of a bucket's size or more) is broadcast from its own
@@ -155,13 +156,14 @@ class ProcessGroupTransport(WeightTransport):
         return flat
 
     def receive(self, metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each bucket lands in a fresh tensor (the engine may hold views of a bucket until the
-        layer they belong to is complete, which can be in a later bucket), and the next bucket
-        is already on its way while the consumer loads this one."""
+        """Each bucket lands in a buffer nothing else refers to (the engine may hold views of a
+        bucket until the layer they belong to is complete, which can be in a later bucket), and
+        the next bucket is already on its way while the consumer loads this one."""
         buckets = plan_buckets(metas, self.bucket_bytes)
+        buffers = ReceiveBuffers(self.device)
 
         def post(bucket: list[TensorMeta]) -> tuple[object, torch.Tensor]:
-            flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=self.device)
+            flat = buffers.take(sum(m.numel for m in bucket), bucket[0].torch_dtype)
             return self.group.broadcast(flat, 0), flat
 
         nxt = post(buckets[0]) if buckets else None
@@ -175,15 +177,66 @@ class ProcessGroupTransport(WeightTransport):
                 for m in bucket:
                     yield m.name, flat[offset:offset + m.numel].view(m.shape)
                     offset += m.numel
+                buffers.release(flat)
         finally:  # closed early: never free a buffer a broadcast still writes into
             if nxt is not None:
                 nxt[0].wait()
+            self.last_receive_buffers = {"allocated": buffers.allocated, "reused": buffers.reused}
 
     def close(self) -> None:
         # Dropping the references tears the group down; there is no public destroy for an
         # unregistered group.
         self.group = None
         self._store = None
+
+
+class ReceiveBuffers:
+    """A receiver's flat bucket buffers for one update, each handed out again (to a later bucket
+    of the same size and dtype: the next layer's twin) once nothing but this pool refers to its
+    memory, i.e. the consumer dropped every view of it.
+
+    Why: a fresh CPU tensor of the bucket's size is fresh pages, and the first touch of each
+    costs a page fault; receiving a model into fresh memory took twice a raw broadcast into a
+    warm buffer (benchmarks/weight_sync.py). Reusing the buffers of one update keeps nothing
+    resident between updates (the pool is dropped with the update). CPU only: a CUDA tensor
+    comes from PyTorch's caching allocator, which already reuses memory, and a kernel still
+    reading a buffer is invisible to the reference count checked here.
+    """
+
+    def __init__(self, device: torch.device):
+        use_count = getattr(torch._C, "_storage_Use_Count", None)  # private API: absent = no reuse
+        self._use_count = use_count if device.type == "cpu" else None
+        self.device = device
+        self._alone: dict[int, int] = {}  # id(buffer) -> its storage's reference count unshared
+        self._free: list[torch.Tensor] = []  # released by the transport; maybe still viewed
+        self._base_of: dict[int, torch.Tensor] = {}  # every buffer handed out, by id
+        self.allocated = self.reused = 0
+
+    def _refs(self, t: torch.Tensor) -> int:
+        return int(self._use_count(t.untyped_storage()._cdata))
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of `numel` elements: the front of the smallest released buffer big
+        enough that nothing else refers to any more, or a new one."""
+        fits = [(t.numel(), i) for i, t in enumerate(self._free)
+                if t.dtype == dtype and t.numel() >= numel and self._refs(t) == self._alone[id(t)]]
+        if fits:
+            base = self._free.pop(min(fits)[1])
+            self.reused += 1
+        else:
+            self.allocated += 1
+            base = torch.empty(numel, dtype=dtype, device=self.device)
+            if self._use_count is not None:
+                self._alone[id(base)] = self._refs(base)  # before any view of it exists
+        self._base_of[id(base)] = base
+        return base if base.numel() == numel else base[:numel]
+
+    def release(self, t: torch.Tensor) -> None:
+        """`t` (from `take`) is no longer written or read by the transport; its buffer is handed
+        out again once the consumer's views of it are gone too."""
+        base = t if id(t) in self._base_of else t._base
+        if self._use_count is not None and base is not None and id(base) in self._alone:
+            self._free.append(base)
 
 
 def make_transport(host: str, port: int, rank: int, world_size: int, backend: str, device: str,

@@ -1,5 +1,5 @@
-"""Two DeepSpeedLearner ranks in a private local Ray, plus a weight-sync receiver in the test
-process: the fixture body the learner tests share."""
+"""DeepSpeedLearner ranks (two by default) in a private local Ray, plus a weight-sync receiver in
+the test process: the fixture body the learner tests share."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,8 @@ CACHE = os.path.expanduser("~/.cache/rlsys")
 
 
 @contextmanager
-def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-") -> Iterator[dict]:
-    """Yields {"learners": [2 actors], "transport": the receiving end of their weight group}."""
+def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-", world: int = 2) -> Iterator[dict]:
+    """Yields {"learners": [`world` actors], "transport": the receiving end of their weight group}."""
     import ray
 
     from learners.deepspeed_learner import DeepSpeedLearner
@@ -30,7 +30,7 @@ def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-") -> Iterator
     try:
         cls = ray.remote(num_cpus=1)(DeepSpeedLearner)
         port, sync_port = free_port(), free_port()
-        learners = [cls.remote(r, 2, "127.0.0.1", port, model_dir, lc, ac, 0) for r in range(2)]
+        learners = [cls.remote(r, world, "127.0.0.1", port, model_dir, lc, ac, 0) for r in range(world)]
         # Weight-sync group: the learners' rank 0 + one receiver here, joining concurrently.
         th = threading.Thread(target=lambda: receiver.update(
             transport=make_transport("127.0.0.1", sync_port, 1, 2, "gloo", "cpu")))

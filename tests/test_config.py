@@ -40,6 +40,8 @@ def test_valid_config_and_overrides(base):
     ("reward.functions={mine: {function: 'math:isclose', kwargs: {tolerance: 1}}}",
      "kwargs ['tolerance'] are not parameters of isclose"),
     ("reward.weights={mine: 1.0}", "unknown reward channel(s) ['mine']"),
+    ("learner.heap_mmap_threshold_mib=0", "heap_mmap_threshold_mib=0.0: give MiB in (0, 512], 'auto' or null"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
 ])
 def test_bad_values_name_the_key(base, override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -125,3 +127,17 @@ def test_auto_dtype_follows_the_hardware(base):
     gpu = load_config(base=base, overrides=["learner.num_gpus=1"])
     assert gpu.weights_dtype() == "bfloat16"  # a GPU run: bf16 whatever the driver's CPU
     assert load_config(base=base, overrides=["model.dtype=float16"]).weights_dtype() == "float16"
+
+
+def test_auto_zero_stage_and_heap_threshold_follow_the_ranks(base):
+    """One rank: ZeRO-0 (nothing to partition) and glibc's heap; several: ZeRO-3 and the 1 MiB
+    heap threshold that keeps its freed gathers out of RSS. Explicit values win."""
+    several = load_config(base=base, overrides=["learner.num_ranks=2"]).learner
+    assert several.zero_stage == 3 and several.heap_threshold_mib() == 1.0
+    one = load_config(base=base, overrides=["learner.num_ranks=1"]).learner
+    assert one.zero_stage == 0 and one.heap_threshold_mib() is None
+    assert one.model_dump()["zero_stage"] == 0  # the saved config says what ran
+    pinned = load_config(base=base, overrides=["learner.num_ranks=1", "learner.zero_stage=3",
+                                               "learner.heap_mmap_threshold_mib=4"]).learner
+    assert pinned.zero_stage == 3 and pinned.heap_threshold_mib() == 4.0
+    assert load_config(base=base, overrides=["learner.heap_mmap_threshold_mib=null"]).learner.heap_threshold_mib() is None

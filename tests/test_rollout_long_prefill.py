@@ -15,8 +15,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from actors.rollout_convert import (CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS, check_no_split_prefill,
-                                    cpu_scheduler_args)
+from actors.rollout_convert import (CPU_KV_BLOCK_SIZE, CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS,
+                                    check_no_split_prefill, cpu_scheduler_args)
 
 
 # ----------------------------------------------------------------------------- pure
@@ -24,7 +24,8 @@ from actors.rollout_convert import (CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS
 def test_cpu_scheduler_args_never_chunk_and_hold_any_request_whole() -> None:
     args = cpu_scheduler_args(1024)
     assert args == {"enable_chunked_prefill": False, "max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS,
-                    "max_num_seqs": CPU_MAX_NUM_SEQS}          # short contexts: vLLM's CPU defaults
+                    "max_num_seqs": CPU_MAX_NUM_SEQS,          # short contexts: vLLM's CPU defaults
+                    "block_size": CPU_KV_BLOCK_SIZE}           # small blocks: a group's samples share its prompt
     long = cpu_scheduler_args(7000)                            # longer: the longest request + a decode batch
     assert long["max_num_batched_tokens"] == 7000 + CPU_MAX_NUM_SEQS and not long["enable_chunked_prefill"]
     assert cpu_scheduler_args(7000, 7000)["max_num_batched_tokens"] == 7000

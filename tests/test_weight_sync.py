@@ -40,10 +40,10 @@ def _rank(rank: int, port: int, bucket_bytes: int, hold_views: bool, queue) -> N
                 t.send(SENT, iter(_tensors(SENT, seed=update)))  # private tensors, as the learner's
             elif hold_views:  # an engine that keeps every view until the update is complete
                 got = list(t.receive(SENT))
-                queue.put([(n, x.tolist(), str(x.dtype)) for n, x in got])
+                queue.put(([(n, x.tolist(), str(x.dtype)) for n, x in got], t.last_receive_buffers))
             else:  # one that copies each tensor out at once
                 got = [(n, x.clone()) for n, x in t.receive(SENT)]
-                queue.put([(n, x.tolist(), str(x.dtype)) for n, x in got])
+                queue.put(([(n, x.tolist(), str(x.dtype)) for n, x in got], t.last_receive_buffers))
     finally:
         t.close()
 
@@ -63,7 +63,12 @@ def test_transport_delivers_every_tensor_exactly(bucket_bytes, hold_views):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    for update, got in enumerate(results):
+    for update, (got, buffers) in enumerate(results):
+        # Buffers are reused once the consumer dropped its views (the six same-size layers), never
+        # while it holds them; either way every value arrives exact.
+        n_buckets = len(plan_buckets(SENT, bucket_bytes))
+        assert buffers["allocated"] + buffers["reused"] == n_buckets
+        assert (buffers["reused"] == 0) if hold_views else (buffers["reused"] > 0 or bucket_bytes > 1000), buffers
         want = _tensors(SENT, seed=update)
         assert [n for n, _, _ in got] == [m.name for m in SENT]
         for (n, values, dtype), w in zip(got, want):
