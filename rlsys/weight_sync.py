@@ -226,16 +226,19 @@ class ReceiveBuffers:
         else:
             self.allocated += 1
             base = torch.empty(numel, dtype=dtype, device=self.device)
-            if self._use_count is not None:
-                self._alone[id(base)] = self._refs(base)  # before any view of it exists
+            if self._use_count is None:  # no reuse: nothing kept, freed as the consumer drops it
+                return base
+            self._alone[id(base)] = self._refs(base)  # before any view of it exists
         self._base_of[id(base)] = base
         return base if base.numel() == numel else base[:numel]
 
     def release(self, t: torch.Tensor) -> None:
         """`t` (from `take`) is no longer written or read by the transport; its buffer is handed
         out again once the consumer's views of it are gone too."""
+        if self._use_count is None:
+            return
         base = t if id(t) in self._base_of else t._base
-        if self._use_count is not None and base is not None and id(base) in self._alone:
+        if base is not None and id(base) in self._alone:
             self._free.append(base)
 
 
