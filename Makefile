@@ -66,8 +66,8 @@ bench: install
 	$(PY) benchmarks/learner_memory.py
 	$(PY) benchmarks/pipeline_overlap.py
 	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0. One learner rank with
-	@# every core and no ZeRO partitioning (zero_stage auto: 0 for one rank), like TRL's one process (on 2 cores faster and
-	@# smaller than two ZeRO-3 ranks).
+	@# every core and no ZeRO partitioning (zero_stage auto: 0 for one rank), like TRL's one
+	@# process (on 2 cores faster and smaller than two ZeRO-3 ranks).
 	$(PY) benchmarks/e2e_vs_trl.py --prompts 4 --override learner.num_ranks=1
 
 # TRL for benchmarks/e2e_vs_trl.py only, never a runtime dependency: into .bench-deps/ (the

@@ -49,9 +49,8 @@ class DeepSpeedLearner:
         `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
         reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
-        heap_mib = learner_cfg.heap_threshold_mib()
-        if heap_mib is not None:  # freed activations go back to the OS
-            limit_heap_retention(int(heap_mib * 2**20))
+        if learner_cfg.heap_mmap_threshold_mib is not None:  # freed activations go back to the OS
+            limit_heap_retention(int(learner_cfg.heap_mmap_threshold_mib * 2**20))
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
         self.lc, self.ac = learner_cfg, algo_cfg
         # Ray gives a GPU actor only its own device (CUDA_VISIBLE_DEVICES), so it is index 0 there.

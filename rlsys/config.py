@@ -387,12 +387,6 @@ class LearnerConfig(Strict):
     """DeepSpeed ZeRO stage; auto (resolved when the config is read): 3 with several ranks, 0
     with one, where partitioning has nothing to split and ZeRO-3 only adds gathers
     (benchmarks/e2e_vs_trl.py, one rank on 2 cores: 58.0 vs 65.4 s/step, 8.8 vs 10.7 GiB)."""
-
-    @model_validator(mode="after")
-    def _resolve_zero_stage(self) -> "LearnerConfig":
-        if self.zero_stage == "auto":  # __dict__: no re-validation of the assignment
-            self.__dict__["zero_stage"] = 0 if self.num_ranks == 1 else 3
-        return self
     lr: float = Field(default=5e-6, gt=0.0)
     """AdamW learning rate (recipe A: 5e-6)."""
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -427,7 +421,8 @@ class LearnerConfig(Strict):
     heap_mmap_threshold_mib: float | Literal["auto"] | None = "auto"
     """Host allocations of this many MiB and more are served by mmap in each learner rank, so
     freed activations go back to the OS instead of staying resident in glibc's heap. null:
-    glibc's own adaptive threshold. auto: 1 MiB under ZeRO-3, null otherwise. Measured on
+    glibc's own adaptive threshold. auto (resolved when the config is read): 1 MiB under ZeRO-3,
+    null otherwise. Measured on
     SmolLM2-135M fp32, 2-core CPU (benchmarks/learner_memory.py): 2 ZeRO-3 ranks, 1.5 GiB less
     per rank for a 10 % slower step (ZeRO-3's gathered parameters are what the heap kept); one
     ZeRO-0 rank, 0.4 GiB less for a 20 % slower step (every freed activation page is faulted in
@@ -441,12 +436,6 @@ class LearnerConfig(Strict):
             raise ValueError(f"heap_mmap_threshold_mib={v}: give MiB in (0, 512], 'auto' or null")
         return v
 
-    def heap_threshold_mib(self) -> float | None:
-        """The heap threshold this learner sets (`heap_mmap_threshold_mib` with auto resolved)."""
-        if self.heap_mmap_threshold_mib == "auto":
-            return 1.0 if self.zero_stage == 3 else None
-        return self.heap_mmap_threshold_mib
-
     shared_prompt: bool = True
     """Shared-prompt group forward: the samples of a group (which share one prompt) are kept in
     one micro-batch where they fit, the prompt is encoded once and every response attends to
@@ -458,6 +447,16 @@ class LearnerConfig(Strict):
     """GPUs each learner rank reserves (1 on GPU clusters)."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter instead of full fine-tuning (recipe C); off by default."""
+
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> "LearnerConfig":
+        """Replace each `auto` by what it means, so the saved config says what ran (set through
+        __dict__: an assignment here would validate again)."""
+        if self.zero_stage == "auto":
+            self.__dict__["zero_stage"] = 0 if self.num_ranks == 1 else 3
+        if self.heap_mmap_threshold_mib == "auto":
+            self.__dict__["heap_mmap_threshold_mib"] = 1.0 if self.zero_stage == 3 else None
+        return self
 
 
 class ClusterConfig(Strict):

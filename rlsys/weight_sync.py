@@ -191,9 +191,9 @@ class ProcessGroupTransport(WeightTransport):
 
 
 class ReceiveBuffers:
-    """A receiver's flat bucket buffers for one update, each handed out again (to a later bucket
-    of the same size and dtype: the next layer's twin) once nothing but this pool refers to its
-    memory, i.e. the consumer dropped every view of it.
+    """A receiver's flat bucket buffers for one update, each handed out again (its front, to a
+    later bucket of the same dtype that fits: typically the next layer's twin) once nothing but
+    this pool refers to its memory, i.e. the consumer dropped every view of it.
 
     Why: a fresh CPU tensor of the bucket's size is fresh pages, and the first touch of each
     costs a page fault; receiving a model into fresh memory took twice a raw broadcast into a
@@ -209,7 +209,6 @@ class ReceiveBuffers:
         self.device = device
         self._alone: dict[int, int] = {}  # id(buffer) -> its storage's reference count unshared
         self._free: list[torch.Tensor] = []  # released by the transport; maybe still viewed
-        self._base_of: dict[int, torch.Tensor] = {}  # every buffer handed out, by id
         self.allocated = self.reused = 0
 
     def _refs(self, t: torch.Tensor) -> int:
@@ -229,7 +228,6 @@ class ReceiveBuffers:
             if self._use_count is None:  # no reuse: nothing kept, freed as the consumer drops it
                 return base
             self._alone[id(base)] = self._refs(base)  # before any view of it exists
-        self._base_of[id(base)] = base
         return base if base.numel() == numel else base[:numel]
 
     def release(self, t: torch.Tensor) -> None:
@@ -237,8 +235,8 @@ class ReceiveBuffers:
         out again once the consumer's views of it are gone too."""
         if self._use_count is None:
             return
-        base = t if id(t) in self._base_of else t._base
-        if base is not None and id(base) in self._alone:
+        base = t if t._base is None else t._base  # take() hands out a buffer or its front
+        if id(base) in self._alone:
             self._free.append(base)
 
 

@@ -133,11 +133,12 @@ def test_auto_zero_stage_and_heap_threshold_follow_the_ranks(base):
     """One rank: ZeRO-0 (nothing to partition) and glibc's heap; several: ZeRO-3 and the 1 MiB
     heap threshold that keeps its freed gathers out of RSS. Explicit values win."""
     several = load_config(base=base, overrides=["learner.num_ranks=2"]).learner
-    assert several.zero_stage == 3 and several.heap_threshold_mib() == 1.0
+    assert several.zero_stage == 3 and several.heap_mmap_threshold_mib == 1.0
     one = load_config(base=base, overrides=["learner.num_ranks=1"]).learner
-    assert one.zero_stage == 0 and one.heap_threshold_mib() is None
+    assert one.zero_stage == 0 and one.heap_mmap_threshold_mib is None
     assert one.model_dump()["zero_stage"] == 0  # the saved config says what ran
     pinned = load_config(base=base, overrides=["learner.num_ranks=1", "learner.zero_stage=3",
                                                "learner.heap_mmap_threshold_mib=4"]).learner
-    assert pinned.zero_stage == 3 and pinned.heap_threshold_mib() == 4.0
-    assert load_config(base=base, overrides=["learner.heap_mmap_threshold_mib=null"]).learner.heap_threshold_mib() is None
+    assert pinned.zero_stage == 3 and pinned.heap_mmap_threshold_mib == 4.0
+    glibc = load_config(base=base, overrides=["learner.heap_mmap_threshold_mib=null"]).learner
+    assert glibc.heap_mmap_threshold_mib is None

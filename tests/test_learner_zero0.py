@@ -26,7 +26,7 @@ def one_rank(model_dir):
     ac = AlgorithmConfig(kl_coef=KL, ppo_epochs=1, max_staleness=0)
     # Packed micro-batches of 64 tokens: the 5 sequences need 2 of them.
     lc = LearnerConfig(**{**E2E_LC, "num_ranks": 1, "zero_stage": "auto", "micro_batch_tokens": 64})
-    assert lc.zero_stage == 0 and lc.heap_threshold_mib() is None
+    assert lc.zero_stage == 0 and lc.heap_mmap_threshold_mib is None
     with learner_ranks(model_dir, lc, ac, world=1) as r:
         yield r
 
