@@ -483,8 +483,8 @@ def run_rlsys(w: Workload, tree: dict, run_dir: Path, args: argparse.Namespace) 
     metrics_path = Path(tree["train"]["output_dir"]) / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
         if metrics_path.exists() else []
-    keys = ("time/step", "time/generate", "time/reward_wait", "time/train", "time/sync",
-            "rollout/generated_tokens", "reward/weighted", "perf/gen_tokens_per_s")
+    keys = ("time/step", "time/generate", "time/reward_wait", "time/train", "time/sync", "time/sync_send",
+            "time/sync_load", "rollout/generated_tokens", "reward/weighted", "perf/gen_tokens_per_s")
     result["steps"] = [{k: round(m[k], 4) for k in ("step", *keys) if k in m} for m in steps]
     if rec.returncode != 0 or len(steps) < w.total_steps:
         result["error"] = (f"rlsys train exited {rec.returncode} after {len(steps)} of {w.total_steps} steps"

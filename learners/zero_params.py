@@ -41,17 +41,68 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Para
     return out
 
 
-def iter_full_params(params: list[nn.Parameter], *, rank: int, zero3: bool,
+def iter_full_params(params: list[nn.Parameter], *, rank: int, zero3: bool, private: bool = True,
                      bucket_bytes: int = 128 << 20) -> Iterator[torch.Tensor | None]:
-    """Yield each parameter's full value in order: a private copy on rank 0, None elsewhere.
+    """Yield each parameter's full value in order on rank 0, None elsewhere; must be driven to
+    the end on every rank.
 
-    The copy is taken inside the gather block because the gathered storage is released (and may
-    be reused) when the block exits. Must be driven to the end on every rank.
+    Under ZeRO-3 the values are copies, taken inside the gather block because the gathered
+    storage is released (and may be reused) when the block exits; a gather bucket's copies of
+    one dtype are views of one flat buffer, in order, so the weight transport sends them without
+    another copy (`rlsys.weight_sync.adjacent_span`). Unpartitioned, with `private=False`, a
+    value is the parameter itself, detached (for a reader done before the parameters change:
+    the weight broadcast, where copying the model per update cost more than sending it);
+    otherwise a clone.
     """
+    if not zero3:
+        yield from (None if rank != 0 else p.detach().clone() if private else p.detach() for p in params)
+        return
     for bucket in _buckets(params, bucket_bytes):
-        with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None, enabled=zero3):
-            copies = [p.detach().clone() if rank == 0 else None for p in bucket]
+        with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None):
+            copies = _flat_copies(bucket) if rank == 0 else [None] * len(bucket)
         yield from copies
+
+
+def _flat_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Copies of `params` as consecutive views of one new buffer (one per parameter when their
+    dtypes or devices differ)."""
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        return [p.detach().clone() for p in params]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    out, offset = [], 0
+    for p in params:
+        view = flat[offset:offset + p.numel()].view(p.shape)
+        view.copy_(p.detach())
+        out.append(view)
+        offset += p.numel()
+    return out
+
+
+def pack_parameters(module: nn.Module) -> int:
+    """Make `module`'s parameters consecutive views of one flat buffer per (dtype, device), in
+    `named_parameters` order (a tied parameter once), so the weight broadcast sends them as a
+    few spans without a copy. Values, `requires_grad` and identities are kept (an optimizer
+    holding the parameters is unaffected: its state is per parameter object). Skipped, returning
+    0, where any parameter already shares its storage (a framework that flattened them itself)
+    or is partitioned; otherwise returns the bytes packed. Unpartitioned parameters only."""
+    params = [p for _, p in module.named_parameters()]
+    if not params or any(hasattr(p, "ds_id") or p.untyped_storage().nbytes() != p.numel() * p.element_size()
+                         for p in params):
+        return 0
+    groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    with torch.no_grad():
+        for (dtype, device), group in groups.items():
+            flat = torch.empty(sum(p.numel() for p in group), dtype=dtype, device=device)
+            offset = 0
+            for p in group:  # one at a time: each old storage is freed as soon as it is copied
+                view = flat[offset:offset + p.numel()].view(p.shape)
+                view.copy_(p.data)
+                p.data = view
+                offset += p.numel()
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def digest(t: torch.Tensor) -> list[float]:

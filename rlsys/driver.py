@@ -322,13 +322,17 @@ class GRPORun:
         the new policy version."""
         t0 = time.perf_counter()
         self.version += 1
-        self._push_weights()
-        return {"time/sync": time.perf_counter() - t0}
+        sent, loaded = self._push_weights()
+        # Where the time goes: the learner's gather + send, the slowest engine's receive + load.
+        return {"time/sync": time.perf_counter() - t0, "time/sync_send": max(s["seconds"] for s in sent),
+                "time/sync_load": max(x.get("total_seconds", x["seconds"]) for x in loaded)}
 
-    def _push_weights(self) -> None:
+    def _push_weights(self) -> tuple[list[dict], list[dict]]:
+        """Every learner rank's and every engine's report of the broadcast."""
         refs = [lr.broadcast_weights.remote() for lr in self.learners]
         refs += [r.update_weights.remote(self.metas, self.version) for r in self.rollouts]
-        self._get(refs, f"weight broadcast (policy version {self.version})")
+        done = self._get(refs, f"weight broadcast (policy version {self.version})")
+        return done[:len(self.learners)], done[len(self.learners):]
 
     def reward_actor_metrics(self) -> dict[str, float]:
         """Judge counters (cumulative) and per-channel time / masked / errors / timeouts (since the

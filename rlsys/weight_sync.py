@@ -4,17 +4,20 @@ One small interface, two sides. The learner's rank 0 is the *sender* (rank 0 of 
 process group); every inference worker is a *receiver* (ranks 1..N). The group is separate from
 DeepSpeed's training group so that a weight update never interleaves with gradient all-reduces.
 
-Small tensors are packed into flat buckets (one broadcast per bucket rather than per parameter:
-a 135M-parameter model has ~270 tensors and each collective has a fixed cost); a tensor of at
-least a bucket's size travels alone and as it is, without a copy. Both sides derive the same
-layout from the same `TensorMeta` list, which the driver fetches from the learner once and hands
-to the receivers, so only raw bytes travel per update.
+Tensors are packed into flat buckets of up to 16 MiB (one broadcast per bucket rather than per
+parameter: a 135M-parameter model has ~270 tensors and each collective has a fixed cost); a
+tensor of at least a bucket's size travels alone. Both sides derive the same layout from the
+same `TensorMeta` list, which the driver fetches from the learner once and hands to the
+receivers, so only raw bytes travel per update. The learner holds its tensors back to back in
+one buffer (`learners.zero_params`), so a bucket is a span of that buffer and is sent without a
+copy (`adjacent_span`); only tensors that lie apart are copied into a send buffer.
 
-Broadcasts are pipelined: the sender prepares bucket k+1 (asks its iterator for the next tensor,
-packs small ones into one of two reused buffers) while bucket k is on the wire, and a receiver
-posts bucket k+1 before handing bucket k to the engine. Copies and fresh memory are what cost:
-on the 2-core CPU measured, packing every tensor into new 256 MiB buckets made the transport
-~7x slower than one raw broadcast of the same bytes (benchmarks/weight_sync.py).
+Broadcasts are pipelined: the sender prepares bucket k+1 (asks its iterator for its tensors)
+while bucket k is on the wire, and a receiver posts bucket k+1 before handing bucket k to the
+engine. Copies, fresh memory and the number of collectives are what cost: on the 2-core CPU
+measured, packing every tensor into new 256 MiB buckets made the transport ~7x slower than one
+raw broadcast of the same bytes, one broadcast per tensor ~2x, copying each 16 MiB bucket
+~2.5x, sending spans of the learner's buffer ~1.6x (benchmarks/weight_sync.py).
 """
 from __future__ import annotations
 
@@ -26,10 +29,13 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-DEFAULT_BUCKET_BYTES = 64 << 10
-"""Tensors smaller than this (norms, biases) are packed together; larger ones (nearly all the
-bytes) go unpacked, one broadcast each: on the CPU measured, packing even 1 MiB buckets cost
-more than the broadcasts it saved."""
+DEFAULT_BUCKET_BYTES = 16 << 20
+"""Tensors smaller than this are packed together (a SmolLM2-135M layer is ~14 MB: about one
+broadcast per layer), larger ones travel alone. Packing costs no copy where the sender holds a
+bucket's tensors back to back in one storage, as the learner does (its parameters under ZeRO-0,
+its gathered copies under ZeRO-3); elsewhere (merged LoRA weights) the bucket is copied into a
+reused buffer. On the 2-core CPU measured, 16 MiB slices of one warm buffer broadcast at
+~0.85x of one broadcast of the whole, one broadcast per tensor (241) at 0.4-0.5x."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,19 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_BYT
     return buckets
 
 
+def adjacent_span(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """One flat view over `tensors` when they lie back to back, in order, in one storage (each
+    contiguous, of `dtype`, on `device`), else None: such a bucket is broadcast without a copy."""
+    first = tensors[0]
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in tensors:
+        if t.dtype != dtype or t.device != device or not t.is_contiguous() or t.data_ptr() != end \
+                or t.untyped_storage().data_ptr() != storage:
+            return None
+        end += t.numel() * t.element_size()
+    return first.as_strided((sum(t.numel() for t in tensors),), (1,), first.storage_offset())
+
+
 class WeightTransport(ABC):
     """Moves named tensors from the sender to every receiver."""
 
@@ -113,47 +132,58 @@ class ProcessGroupTransport(WeightTransport):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.bucket_bytes = bucket_bytes
         self.last_receive_buffers: dict[str, int] = {}  # buffers the last receive allocated / reused
+        self.last_send_buckets: dict[str, int] = {}  # the last send's buckets: sent as they lay / copied
 
     def send(self, metas: list[TensorMeta], tensors: Iterable[torch.Tensor]) -> None:
-        """A tensor that travels alone (one of a bucket's size or more) is broadcast from its own
-        storage when it is already in the announced dtype on the transport's device: it must
-        stay unchanged until two more tensors have been asked for (the learner hands over
-        private copies). Packed tensors are copied before the next one is asked for."""
+        """A bucket whose tensors lie back to back in one storage (a lone tensor, or adjacent
+        views of one flat buffer), in the announced dtype on the transport's device, is
+        broadcast from that storage: it must stay unchanged until the tensors of the bucket
+        after next are asked for. Other buckets are copied before the next one is asked for."""
         it = iter(tensors)
         buffers: list[torch.Tensor | None] = [None, None]  # bucket i packs into buffers[i % 2]
         inflight = None
+        copied = sent = 0
         try:
             for i, bucket in enumerate(plan_buckets(metas, self.bucket_bytes)):
                 # buffers[i % 2] last held bucket i-2, whose broadcast was waited for below.
-                flat = self._pack(bucket, it, buffers, i % 2)
+                flat, was_copied = self._pack(bucket, it, buffers, i % 2)
+                copied += was_copied
+                sent += 1
                 if inflight is not None:
                     inflight[0].wait()
                 inflight = (self.group.broadcast(flat, 0), flat)
         finally:  # also on an error: never free a buffer a broadcast still reads
             if inflight is not None:
                 inflight[0].wait()
+            self.last_send_buckets = {"as_they_lay": sent - copied, "copied": copied}
 
     def _pack(self, bucket: list[TensorMeta], it: Iterator[torch.Tensor], buffers: list[torch.Tensor | None],
-              slot: int) -> torch.Tensor:
-        """The bucket as one flat tensor in the announced dtype on the transport's device: a lone
-        tensor as it is (cast, moved or made contiguous only if needed), several copied in
-        order into `buffers[slot]`."""
+              slot: int) -> tuple[torch.Tensor, bool]:
+        """The bucket as one flat tensor in the announced dtype on the transport's device, and
+        whether it was copied: a lone tensor as it is (cast, moved or made contiguous only if
+        needed), tensors lying back to back in one storage as the view that spans them, others
+        copied in order into `buffers[slot]`."""
         if len(bucket) == 1:
-            m, t = bucket[0], next(it)
+            m, t = bucket[0], next(it).detach()
             _check_shape(m, t)
-            return t.detach().to(device=self.device, dtype=m.torch_dtype).reshape(-1)
+            flat = t.to(device=self.device, dtype=m.torch_dtype).reshape(-1)
+            return flat, flat.data_ptr() != t.data_ptr()
         n, dtype = sum(m.numel for m in bucket), bucket[0].torch_dtype
+        ts = [next(it).detach() for _ in bucket]
+        for m, t in zip(bucket, ts):
+            _check_shape(m, t)
+        span = adjacent_span(ts, dtype, self.device)
+        if span is not None:
+            return span, False
         buf = buffers[slot]
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             buf = buffers[slot] = torch.empty(max(n, self.bucket_bytes // dtype.itemsize), dtype=dtype,
                                               device=self.device)
         flat, offset = buf[:n], 0
-        for m in bucket:
-            t = next(it)
-            _check_shape(m, t)
-            flat[offset:offset + m.numel].copy_(t.detach().reshape(-1))
+        for m, t in zip(bucket, ts):
+            flat[offset:offset + m.numel].copy_(t.reshape(-1))
             offset += m.numel
-        return flat
+        return flat, True
 
     def receive(self, metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each bucket lands in a buffer nothing else refers to (the engine may hold views of a

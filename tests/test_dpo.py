@@ -75,15 +75,17 @@ def model_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny256", seed=0, hidden_size=256)
 
 
-@pytest.fixture(scope="module")
-def ranks(model_dir):
-    """Two DeepSpeedLearner actors (ZeRO-3, gloo, LoRA, DPO) and a weight-sync receiver here."""
+@pytest.fixture(scope="module", params=[2, 1], ids=["zero3x2", "zero0x1"])
+def ranks(model_dir, request):
+    """DeepSpeedLearner actors (LoRA, DPO, gloo) and a weight-sync receiver here: two ZeRO-3
+    ranks, or one whole ZeRO-0 rank (its parameters, adapters included, packed in one buffer)."""
     from learner_ranks import learner_ranks
 
     from rlsys.config import AlgorithmConfig, LearnerConfig
 
-    with learner_ranks(model_dir, LearnerConfig(**LC), AlgorithmConfig(loss="dpo", kl_coef=0.0, ppo_epochs=1),
-                       prefix="rlsys-dpo-") as r:
+    lc = LearnerConfig(**{**LC, "num_ranks": request.param, "zero_stage": 3 if request.param > 1 else 0})
+    with learner_ranks(model_dir, lc, AlgorithmConfig(loss="dpo", kl_coef=0.0, ppo_epochs=1),
+                       prefix="rlsys-dpo-", world=request.param) as r:
         yield r
 
 
@@ -108,7 +110,7 @@ def _sequence_logprob(model, prompt: list[int], response: list[int]) -> float:
 
 
 @pytest.mark.e2e
-def test_lora_dpo_on_two_zero3_ranks(ranks, model_dir, tmp_path):
+def test_lora_dpo(ranks, model_dir, tmp_path):
     import ray
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -130,11 +132,11 @@ def test_lora_dpo_on_two_zero3_ranks(ranks, model_dir, tmp_path):
     assert ray.get([lr.gathered_digest.remote() for lr in learners])[0] == base_digest
 
     pairs = _pairs()
-    batches = split_pairs_for_ranks(pairs, 2)
+    batches = split_pairs_for_ranks(pairs, len(learners))
     history = [ray.get([lr.train_step.remote({"mini_batches": [b]}) for lr, b in zip(learners, batches)])
                for _ in range(6)]
-    for m0, m1 in history:
-        assert m0 == m1 and m0["learner/pairs"] == 4 and m0["learner/optimizer_steps"] == 1
+    for ms in history:
+        assert all(m == ms[0] for m in ms) and ms[0]["learner/pairs"] == 4 and ms[0]["learner/optimizer_steps"] == 1
     first, last = history[0][0], history[-1][0]
     assert first["loss/total"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at first
     assert first["dpo/margin"] == pytest.approx(0.0, abs=1e-5) and first["policy/grad_norm"] > 0
@@ -153,6 +155,9 @@ def test_lora_dpo_on_two_zero3_ranks(ranks, model_dir, tmp_path):
     ray.get([lr.broadcast_weights.remote() for lr in learners])
     th.join(60)
     assert got == after
+    if len(learners) == 1:  # ZeRO-0: packed parameters; buckets holding a merged weight are copied
+        packed, sent = ray.get(learners[0].__ray_call__.remote(lambda s: (s.packed_bytes, s.transport.last_send_buckets)))
+        assert packed > 0 and sent["copied"] > 0, sent
 
     # Checkpoint: a merged HF model and the adapter; base + adapter == merged.
     out = tmp_path / "hf"

@@ -63,6 +63,10 @@ def test_one_zero0_rank_trains_broadcasts_saves_and_resumes(one_rank, model_dir,
     ray.get(learner.broadcast_weights.remote())
     th.join(60)
     assert got == after
+    # ... sent from the parameters themselves: packed into one buffer, no bucket copied.
+    packed, sent = ray.get(learner.__ray_call__.remote(lambda s: (s.packed_bytes, s.transport.last_send_buckets)))
+    assert packed == sum(m.numel * m.torch_dtype.itemsize for m in metas)
+    assert sent["copied"] == 0 and sent["as_they_lay"] > 0, sent
 
     # save_hf: a Hugging Face directory with exactly these weights.
     out = ray.get(learner.save_hf.remote(str(tmp_path / "hf")))
