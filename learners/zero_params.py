@@ -63,20 +63,24 @@ def iter_full_params(params: list[nn.Parameter], *, rank: int, zero3: bool, priv
         yield from copies
 
 
+def _flat_views(params: list[nn.Parameter]) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """Each parameter with its place in one new buffer (same dtype and device as the first), in
+    order and back to back: the one layout both the gathered copies and the packed parameters use."""
+    first = params[0]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    offset = 0
+    for p in params:
+        yield p, flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+
+
 def _flat_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
     """Copies of `params` as consecutive views of one new buffer (one per parameter when their
     dtypes or devices differ)."""
     first = params[0]
     if any(p.dtype != first.dtype or p.device != first.device for p in params):
         return [p.detach().clone() for p in params]
-    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
-    out, offset = [], 0
-    for p in params:
-        view = flat[offset:offset + p.numel()].view(p.shape)
-        view.copy_(p.detach())
-        out.append(view)
-        offset += p.numel()
-    return out
+    return [view.copy_(p.detach()) for p, view in _flat_views(params)]
 
 
 def pack_parameters(module: nn.Module) -> int:
@@ -94,14 +98,9 @@ def pack_parameters(module: nn.Module) -> int:
     for p in params:
         groups.setdefault((p.dtype, p.device), []).append(p)
     with torch.no_grad():
-        for (dtype, device), group in groups.items():
-            flat = torch.empty(sum(p.numel() for p in group), dtype=dtype, device=device)
-            offset = 0
-            for p in group:  # one at a time: each old storage is freed as soon as it is copied
-                view = flat[offset:offset + p.numel()].view(p.shape)
-                view.copy_(p.data)
-                p.data = view
-                offset += p.numel()
+        for group in groups.values():
+            for p, view in _flat_views(group):  # one at a time: each old storage is freed once copied
+                p.data = view.copy_(p.data)
     return sum(p.numel() * p.element_size() for p in params)
 
 
