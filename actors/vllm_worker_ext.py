@@ -206,8 +206,11 @@ class WeightSyncExtension:
         self._rlsys_version = int(version)
         seconds = time.perf_counter() - t0
         nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
-        log.info("weights v%d loaded: %d tensors, %.1f MB in %.2fs", version, len(metas), nbytes / 1e6, seconds)
-        return {"version": int(version), "seconds": seconds, "bytes": nbytes, "tensors": len(metas)}
+        buffers = dict(getattr(transport, "last_receive_buffers", {}))
+        log.info("weights v%d loaded: %d tensors, %.1f MB in %.2fs (receive buffers: %s)", version, len(metas),
+                 nbytes / 1e6, seconds, buffers)
+        return {"version": int(version), "seconds": seconds, "bytes": nbytes, "tensors": len(metas),
+                "receive_buffers": buffers}
 
     def rlsys_weights_digest(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """`tensor_digest` of each named weight (HF names; all when `names` is None) as the

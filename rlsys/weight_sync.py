@@ -13,14 +13,18 @@ one buffer (`learners.zero_params`), so a bucket is a span of that buffer and is
 copy (`adjacent_span`); only tensors that lie apart are copied into a send buffer.
 
 Broadcasts are pipelined: the sender prepares bucket k+1 (asks its iterator for its tensors)
-while bucket k is on the wire, and a receiver posts bucket k+1 before handing bucket k to the
-engine. Copies, fresh memory and the number of collectives are what cost: on the 2-core CPU
-measured, packing every tensor into new 256 MiB buckets made the transport ~7x slower than one
-raw broadcast of the same bytes, one broadcast per tensor ~2x, copying each 16 MiB bucket
-~2.5x, sending spans of the learner's buffer ~1.6x (benchmarks/weight_sync.py).
+while bucket k is on the wire, and a receiver keeps buckets k+1 and k+2 posted while it waits
+for bucket k and hands it to the engine, into buffers it keeps warm across updates. Copies,
+fresh memory, a socket waiting for a posted buffer and the number of collectives are what cost:
+on the 2-core CPU measured, packing every tensor into new 256 MiB buckets made the transport
+~7x slower than one raw broadcast of the same bytes, one broadcast per tensor ~2x, copying each
+16 MiB bucket ~2.5x; sending spans of the learner's buffer to a receiver that posted only the
+next bucket once the current one arrived, into fresh buffers per update, ~1.6x; with two
+buckets posted ahead into kept buffers, 0.9-1.4x (benchmarks/weight_sync.py).
 """
 from __future__ import annotations
 
+import collections
 import datetime
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -91,6 +95,13 @@ def adjacent_span(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch
         end += t.numel() * t.element_size()
     return first.as_strided((sum(t.numel() for t in tensors),), (1,), first.storage_offset())
 
+RECEIVE_AHEAD = 2
+"""Buckets a receiver keeps posted beyond the one it is waiting for or handing to the engine.
+In a probe of gloo on the 2-core CPU measured (16 MiB slices of one warm 538 MB buffer), a
+receiver that posted each bucket only once the one before had arrived took 1.6-2x one raw
+broadcast of the same bytes, one that kept two posted ahead 1.0-1.2x: the sender's bytes
+never wait for a posted buffer."""
+
 
 class WeightTransport(ABC):
     """Moves named tensors from the sender to every receiver."""
@@ -131,6 +142,7 @@ class ProcessGroupTransport(WeightTransport):
         self._store = store
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.bucket_bytes = bucket_bytes
+        self._receive_buffers = ReceiveBuffers(self.device)  # kept across updates (warm pages)
         self.last_receive_buffers: dict[str, int] = {}  # buffers the last receive allocated / reused
         self.last_send_buckets: dict[str, int] = {}  # the last send's buckets: sent as they lay / copied
 
@@ -188,29 +200,36 @@ class ProcessGroupTransport(WeightTransport):
     def receive(self, metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each bucket lands in a buffer nothing else refers to (the engine may hold views of a
         bucket until the layer they belong to is complete, which can be in a later bucket), and
-        the next bucket is already on its way while the consumer loads this one."""
+        the next `RECEIVE_AHEAD` buckets are already posted while the consumer loads this one."""
         buckets = plan_buckets(metas, self.bucket_bytes)
-        buffers = ReceiveBuffers(self.device)
+        buffers = self._receive_buffers
+        buffers.allocated = buffers.reused = 0
+        posted: collections.deque[tuple[object, torch.Tensor]] = collections.deque()
+        next_post = 0
 
-        def post(bucket: list[TensorMeta]) -> tuple[object, torch.Tensor]:
-            flat = buffers.take(sum(m.numel for m in bucket), bucket[0].torch_dtype)
-            return self.group.broadcast(flat, 0), flat
+        def post_up_to(last: int) -> None:
+            nonlocal next_post
+            while next_post <= min(last, len(buckets) - 1):
+                bucket = buckets[next_post]
+                flat = buffers.take(sum(m.numel for m in bucket), bucket[0].torch_dtype)
+                posted.append((self.group.broadcast(flat, 0), flat))
+                next_post += 1
 
-        nxt = post(buckets[0]) if buckets else None
         try:
             for i, bucket in enumerate(buckets):
-                work, flat = nxt
-                nxt = None
+                post_up_to(i + RECEIVE_AHEAD)
+                work, flat = posted.popleft()
                 work.wait()
-                nxt = post(buckets[i + 1]) if i + 1 < len(buckets) else None
+                post_up_to(i + RECEIVE_AHEAD)  # bucket i's slot is read now, not written
                 offset = 0
                 for m in bucket:
                     yield m.name, flat[offset:offset + m.numel].view(m.shape)
                     offset += m.numel
                 buffers.release(flat)
         finally:  # closed early: never free a buffer a broadcast still writes into
-            if nxt is not None:
-                nxt[0].wait()
+            for work, _ in posted:
+                work.wait()
+            buffers.keep(RECEIVE_AHEAD + 1)
             self.last_receive_buffers = {"allocated": buffers.allocated, "reused": buffers.reused}
 
     def close(self) -> None:
@@ -218,19 +237,22 @@ class ProcessGroupTransport(WeightTransport):
         # unregistered group.
         self.group = None
         self._store = None
+        self._receive_buffers = ReceiveBuffers(self.device)
 
 
 class ReceiveBuffers:
-    """A receiver's flat bucket buffers for one update, each handed out again (its front, to a
-    later bucket of the same dtype that fits: typically the next layer's twin) once nothing but
-    this pool refers to its memory, i.e. the consumer dropped every view of it.
+    """A receiver's flat bucket buffers, each handed out again (its front, to a later bucket of
+    the same dtype that fits: typically the next layer's twin) once nothing but this pool refers
+    to its memory, i.e. the consumer dropped every view of it.
 
     Why: a fresh CPU tensor of the bucket's size is fresh pages, and the first touch of each
-    costs a page fault; receiving a model into fresh memory took twice a raw broadcast into a
-    warm buffer (benchmarks/weight_sync.py). Reusing the buffers of one update keeps nothing
-    resident between updates (the pool is dropped with the update). CPU only: a CUDA tensor
-    comes from PyTorch's caching allocator, which already reuses memory, and a kernel still
-    reading a buffer is invisible to the reference count checked here.
+    costs a page fault; receiving a model into fresh memory took 2-3x a raw broadcast into a
+    warm buffer (benchmarks/weight_sync.py). Between updates the pool keeps only its few largest
+    released buffers (`keep`): the next update's first buckets land in warm memory, at a
+    resident cost of a few buckets (on SmolLM2-135M fp32: the 113 MB embedding and three 16 MiB
+    buckets). CPU only: a CUDA tensor comes from PyTorch's caching allocator, which already
+    keeps and reuses memory, and a kernel still reading a buffer is invisible to the reference
+    count checked here.
     """
 
     def __init__(self, device: torch.device):
@@ -268,6 +290,12 @@ class ReceiveBuffers:
         base = t if t._base is None else t._base  # take() hands out a buffer or its front
         if id(base) in self._alone:
             self._free.append(base)
+
+    def keep(self, n: int) -> None:
+        """Hold on to the `n` largest released buffers only (the rest are freed once the
+        consumer's views of them are gone) and forget every buffer not held."""
+        self._free = sorted(self._free, key=lambda t: t.numel() * t.element_size(), reverse=True)[:n]
+        self._alone = {id(t): self._alone[id(t)] for t in self._free}
 
 
 def make_transport(host: str, port: int, rank: int, world_size: int, backend: str, device: str,

@@ -193,13 +193,19 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
             ray.get(pending, timeout=120)
         assert ray.get(worker.policy_version.remote()) == 0
 
-        pending = worker.update_weights.remote(metas, 1)  # receiver first, then send
-        sender.send(metas, (new[m.name] for m in metas))
-        info = ray.get(pending, timeout=120)
+        for version in (1, 2):  # the same values twice: the second lands in buffers the first kept
+            pending = worker.update_weights.remote(metas, version)  # receiver first, then send
+            sender.send(metas, (new[m.name] for m in metas))
+            info = ray.get(pending, timeout=120)
+            if version == 1:
+                first = info["receive_buffers"]
     finally:
         sender.close()
-    assert info["version"] == 1 and info["tensors"] == len(metas)
-    assert ray.get(worker.policy_version.remote()) == 1
+    assert info["version"] == 2 and info["tensors"] == len(metas)
+    assert ray.get(worker.policy_version.remote()) == 2
+    # vLLM copies each tensor into its own parameters and drops the views, so the buffers the
+    # first update kept (weight_sync.ReceiveBuffers.keep) take the second one's buckets.
+    assert info["receive_buffers"]["allocated"] < first["allocated"], (first, info)
 
     digest = ray.get(worker.weights_digest.remote(list(new)))
     assert set(digest) == set(new)
@@ -213,11 +219,11 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
     assert head["sha256"] == tensor_digest(new["model.embed_tokens.weight"], torch.float32)["sha256"]
 
     after = ray.get(worker.generate.remote([CHAT], greedy, 1))[0]
-    assert after["policy_version"] == 1
+    assert after["policy_version"] == 2
     s = after["samples"][0]
     # The first greedy step sees the same prompt under both policies: its distribution moved.
     assert s["token_ids"] != before["token_ids"] or abs(s["logprobs"][0] - before["logprobs"][0]) > 1e-4
-    _check_group(ray.get(worker.generate.remote([CHAT], sampling, 4))[0], 4, 1)
+    _check_group(ray.get(worker.generate.remote([CHAT], sampling, 4))[0], 4, 2)
 
     stats = ray.get(worker.stats.remote())
-    assert stats["generated_tokens"] > 0 and stats["updates"] == 1
+    assert stats["generated_tokens"] > 0 and stats["updates"] == 2
