@@ -220,7 +220,6 @@ class ProcessGroupTransport(WeightTransport):
                 post_up_to(i + RECEIVE_AHEAD)
                 work, flat = posted.popleft()
                 work.wait()
-                post_up_to(i + RECEIVE_AHEAD)  # bucket i's slot is read now, not written
                 offset = 0
                 for m in bucket:
                     yield m.name, flat[offset:offset + m.numel].view(m.shape)

@@ -102,7 +102,7 @@ def test_transport_delivers_every_tensor_exactly(bucket_bytes, hold_views, packe
         else:
             assert buffers["reused"] > 0 or bucket_bytes > 1000, buffers
         if update and not hold_views:  # the pool kept warm buffers for the next update's first buckets
-            assert buffers["allocated"] < results[0][1]["allocated"] or results[0][1]["allocated"] == 0, buffers
+            assert buffers["allocated"] < results[0][1]["allocated"], buffers
         want = _tensors(SENT, seed=update)
         assert [n for n, _, _ in got] == [m.name for m in SENT]
         for (n, values, dtype), w in zip(got, want):
