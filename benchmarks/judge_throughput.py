@@ -52,6 +52,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "judge")]
 
 from fake_judge_server import FakeJudgeServer, max_in_window  # noqa: E402
 
+from rlsys.atomic import write_file  # noqa: E402
 from rlsys.judge.config import judge_config_from_dict  # noqa: E402
 from rlsys.judge.pool import JudgeScorer  # noqa: E402
 
@@ -238,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:30}" + "".join(f"{r[k]:>28}" for r in rows))
     out = {"args": vars(a), "host": platform.node(), "cpus": os.cpu_count(), "scenarios": rows,
            "goals": {"share_of_R (fault-free)": ">= 0.95", "refused": 0, "lost": 0}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_file(a.out, json.dumps(out, indent=2) + "\n")  # atomic: a kill leaves the last result whole
     print(f"wrote {a.out}")
     return 0
 

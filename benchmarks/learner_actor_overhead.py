@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.machine import machine_info  # noqa: E402
+from rlsys.atomic import write_file  # noqa: E402
 
 log = logging.getLogger("learner_actor_overhead")
 PATHS = ("bare", "actor")
@@ -74,10 +75,15 @@ def _child(path: str, a: argparse.Namespace) -> list[list[float]]:
         ref = ray.put(batch)
         step = lambda: ray.get(actor.train_step.remote(ref), timeout=a.timeout_s)  # noqa: E731
     out = []
-    for i in range(a.steps + 1):
-        m = step()
-        if i:  # the first is a warm-up
-            out.append([m["time/learner_step"], m["time/learner_update"]])
+    try:
+        for i in range(a.steps + 1):
+            m = step()
+            if i:  # the first is a warm-up
+                out.append([m["time/learner_step"], m["time/learner_update"]])
+    finally:
+        if path != "bare":
+            import ray
+            ray.shutdown()  # the private head this child started, not any other Ray
     return out
 
 
@@ -130,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
            "ratio_actor_vs_bare": round(rows["actor"]["step_s_median"] / bare, 3)}
     if "actor_nice0" in rows:
         out["ratio_actor_nice0_vs_bare"] = round(rows["actor_nice0"]["step_s_median"] / bare, 3)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_file(a.out, json.dumps(out, indent=2) + "\n")  # atomic: a kill leaves the last result whole
     print(f"wrote {a.out}")
     return 0
 

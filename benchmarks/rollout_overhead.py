@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.machine import machine_info  # noqa: E402
+from rlsys.atomic import write_file  # noqa: E402
 
 log = logging.getLogger("rollout_overhead")
 GOAL = 0.9
@@ -309,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": {"driver_ratio_vs_bare": f">= {GOAL}"},
         "driver_ratio_vs_bare": rows["driver"]["ratio_vs_bare"],
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_file(a.out, json.dumps(out, indent=2) + "\n")  # atomic: a kill leaves the last result whole
     print(f"wrote {a.out}")
     return 0
 

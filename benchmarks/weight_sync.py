@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.machine import machine_info  # noqa: E402
+from rlsys.atomic import write_file  # noqa: E402
 
 log = logging.getLogger("weight_sync")
 GOAL = 0.7
@@ -209,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
            "bandwidth_ratio_per_tensor_vs_raw": round(per_tensor_ratio, 3),
            "bandwidth_ratio_rlsys_vs_raw_fresh": round(fresh_ratio, 3),
            "goal": {"bandwidth_ratio_rlsys_vs_raw": f">= {GOAL}"}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_file(a.out, json.dumps(out, indent=2) + "\n")  # atomic: a kill leaves the last result whole
     print(f"wrote {a.out}")
     return 0
 
