@@ -101,7 +101,11 @@ def _train(argv: list[str]) -> int:
     # `ray job stop`, `kill` and schedulers send SIGTERM first: unwind through train()'s cleanup
     # (engines stop and free their shared memory, logs are closed) instead of dying mid-write.
     # A second SIGTERM during that cleanup kills at once.
+    sigterm_received = False
+
     def on_sigterm(signum, frame):
+        nonlocal sigterm_received
+        sigterm_received = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -109,15 +113,20 @@ def _train(argv: list[str]) -> int:
     try:
         with logging_redirect_tqdm():
             train(cfg, resume=args.resume)
-    except (DataError, ValueError) as e:  # includes ConfigError and CheckpointError
-        log.error("%s", e)
-        return 2
-    except (ActorFailure, PlacementError) as e:
-        log.error("run failed: %s. Last checkpoint: %s", e, last_checkpoint())
-        return 1
-    except Terminated:
-        log.error("stopped by SIGTERM. Last checkpoint: %s", last_checkpoint())
-        return 128 + signal.SIGTERM
+    except BaseException as e:
+        # Terminated can surface wrapped: raised while Ray's Cython code runs a Python callback
+        # (deserialising a result in ray.get), it comes out as a SystemError. Whatever the
+        # unwinding raised, a run that received SIGTERM was stopped by it.
+        if sigterm_received:
+            log.error("stopped by SIGTERM. Last checkpoint: %s", last_checkpoint())
+            return 128 + signal.SIGTERM
+        if isinstance(e, (DataError, ValueError)):  # includes ConfigError and CheckpointError
+            log.error("%s", e)
+            return 2
+        if isinstance(e, (ActorFailure, PlacementError)):
+            log.error("run failed: %s. Last checkpoint: %s", e, last_checkpoint())
+            return 1
+        raise
     return 0
 
 

@@ -1,10 +1,29 @@
 """Fixtures shared by several test files (a file's own fixture of the same name wins)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A test that runs a CLI command in-process gets `logging.basicConfig(force=True)`: a root
+    handler bound to that test's captured stderr, which pytest closes after it. Left in place, a
+    later test's log record fails with 'Logging error ... I/O operation on closed file'."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture
