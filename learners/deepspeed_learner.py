@@ -320,7 +320,8 @@ class DeepSpeedLearner:
         """Rank 0 joins the weight-broadcast group as its rank 0 (blocks until every receiver has
         joined, so the driver calls this concurrently with the receivers); other ranks: no-op."""
         if self.rank == 0:
-            device = "cpu" if self.device.type == "cpu" else str(self.device)
+            # gloo stages through host memory on both sides (a receiver holds its buckets on CPU too)
+            device = "cpu" if backend == "gloo" or self.device.type == "cpu" else str(self.device)
             if self.transport is not None:  # re-formed after an engine was replaced
                 self.transport.close()
             self.transport = make_transport(host, port, 0, world_size, backend, device)

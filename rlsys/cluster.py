@@ -110,19 +110,29 @@ class ActorDirectory:
 
     def __init__(self):
         self._by_id: dict[str, str] = {}
+        self._places: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def add(self, actor, name: str) -> None:
         self._by_id[actor._actor_id.hex()] = name
 
     def locate(self, actors: list, timeout: float) -> None:
-        """Record each (ready) actor's node address beside its name."""
+        """Record each (ready) actor's node address beside its name, and its place: the address
+        and the GPU ids Ray assigned it (the weight-sync backend depends on who shares a GPU)."""
         import ray
 
-        ips = ray.get([a.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()) for a in actors],
-                      timeout=timeout)
-        for a, ip in zip(actors, ips):
+        places = ray.get([a.__ray_call__.remote(lambda self: (
+            ray.util.get_node_ip_address(),
+            tuple(str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", []))))
+            for a in actors], timeout=timeout)
+        for a, (ip, gpus) in zip(actors, places):
             key = a._actor_id.hex()
-            self._by_id[key] = f"{self._by_id.get(key, 'actor ' + key[:8])} on node {ip}"
+            self._places[key] = (ip, gpus)
+            self._by_id[key] = f"{self._by_id.get(key, 'actor ' + key[:8])} on node {ip}" + (
+                f" (GPU {','.join(gpus)})" if gpus else "")
+
+    def place(self, actor) -> tuple[str, tuple[str, ...]]:
+        """(node address, GPU ids) of a located actor."""
+        return self._places[actor._actor_id.hex()]
 
     def name(self, actor_id: str | None) -> str:
         return self._by_id.get(actor_id or "", f"actor {str(actor_id)[:8]}")

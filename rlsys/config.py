@@ -473,7 +473,10 @@ class ClusterConfig(Strict):
     object_store_gib: float = Field(default=2.0, gt=0.0)
     """Object store size of a local head."""
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend for weight broadcast; auto follows DeepSpeed's accelerator."""
+    """Process-group backend for the weight broadcast. auto: NCCL where learner rank 0 and every
+    engine each hold a GPU of their own, else gloo through host memory (CPU runs, and a learner
+    and an engine sharing one GPU through fractional num_gpus, which NCCL refuses). nccl: refused
+    where it cannot work; it needs learner.num_gpus and rollout.num_gpus above 0."""
     actor_timeout_s: float = Field(default=3600.0, gt=0.0)
     """Deadline of every wait on an actor (a step's generation, scoring, update, broadcast,
     checkpoint): past it the run fails naming the call, instead of hanging."""
@@ -539,6 +542,14 @@ class RunConfig(Strict):
     """Ray cluster."""
     train: TrainConfig = TrainConfig()
     """Loop length and outputs."""
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self) -> "RunConfig":
+        if self.cluster.weight_sync_backend == "nccl" and not (self.learner.num_gpus > 0 and self.rollout.num_gpus > 0):
+            raise ValueError("cluster.weight_sync_backend: nccl needs a GPU on learner rank 0 and on every engine "
+                             f"(learner.num_gpus is {self.learner.num_gpus:g}, rollout.num_gpus is "
+                             f"{self.rollout.num_gpus:g}); use auto or gloo, or give both GPUs")
+        return self
 
     def weights_dtype(self) -> str:
         """`model.dtype` with auto resolved (see ModelConfig.dtype): what every actor gets."""

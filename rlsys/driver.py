@@ -18,11 +18,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray.exceptions import RayActorError
 
 from rlsys.batching import split_for_ranks, split_mini_batches, split_pairs_for_ranks
-from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, check_local_head_fits, free_port,
-                           get_with_deadline, wait_for_placement)
+from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, PlacementError, check_local_head_fits,
+                           free_port, get_with_deadline, wait_for_placement)
 from rlsys.cluster_files import actor_demands
 from rlsys.config import RunConfig
 from rlsys.data.prompts import example_fields
+from rlsys.weight_sync import choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,21 @@ class GRPORun:
         """Learner rank 0 + every engine form the broadcast group; all join concurrently."""
         t = self.cfg.cluster.startup_timeout_s
         self.metas = self._get(self.learners[0].weight_metadata.remote(), "weight metadata", t)
-        backend = self.cfg.cluster.weight_sync_backend
-        if backend == "auto":
-            backend = self._get(self.learners[0].__ray_call__.remote(
-                lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()),
-                "learner backend", t)
+        accelerator = self._get(self.learners[0].__ray_call__.remote(
+            lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()),
+            "learner backend", t)
+        try:
+            backend, why = choose_backend(self.cfg.cluster.weight_sync_backend, accelerator,
+                                          self.actors.place(self.learners[0]),
+                                          [self.actors.place(r) for r in self.rollouts])
+        except ValueError as e:
+            raise PlacementError(str(e)) from None
         (host, port), world = self._rank0_address(), 1 + len(self.rollouts)
         refs = [lr.init_weight_sync.remote(host, port, world, backend) for lr in self.learners]
         refs += [r.init_weight_transport.remote(host, port, i + 1, world, backend) for i, r in enumerate(self.rollouts)]
         self._get(refs, "forming the weight-sync group", t)
-        log.info("weight sync group ready: %s over %s, %d tensors", backend, f"{host}:{port}", len(self.metas))
+        log.info("weight sync group ready: %s (%s) over %s, %d tensors", backend, why, f"{host}:{port}",
+                 len(self.metas))
 
     def generate_and_score(self, examples: list, seed_round: int | None = None
                            ) -> tuple[list[list[dict]], dict[str, float]]:

@@ -297,6 +297,46 @@ class ReceiveBuffers:
         self._alone = {id(t): self._alone[id(t)] for t in self._free}
 
 
+Place = tuple[str, tuple[str, ...]]
+"""Where a rank runs: its node's address and the GPU ids Ray assigned it there (empty: none)."""
+
+
+def choose_backend(requested: str, accelerator_backend: str, sender: Place,
+                   receivers: list[Place]) -> tuple[str, str]:
+    """The weight-sync group's backend ("gloo" or "nccl") and why, from the configured
+    `cluster.weight_sync_backend`, the learner's accelerator backend and where learner rank 0
+    (`sender`) and each rollout engine (`receivers`, in engine order) were placed.
+
+    NCCL needs a GPU on every rank, and refuses two ranks of one group on one GPU ("Duplicate
+    GPU detected" at the first broadcast), which is where a learner and an engine given
+    fractional `num_gpus` end up on a one-GPU machine. There `auto` takes gloo, which stages the
+    weights through host memory, and an explicit `nccl` is refused (ValueError) naming the
+    engines and the fix."""
+    if requested == "gloo":
+        return "gloo", "cluster.weight_sync_backend is gloo"
+    host, gpus = sender
+    bare = [i for i, (_, g) in enumerate(receivers) if not g]
+    shared = {i: sorted(set(g) & set(gpus)) for i, (h, g) in enumerate(receivers) if h == host and set(g) & set(gpus)}
+    obstacle = ("learner rank 0 has no GPU" if not gpus else
+                f"rollout engine(s) {bare} have no GPU" if bare else
+                "rollout engine(s) " + ", ".join(f"{i} (GPU {','.join(g)})" for i, g in shared.items())
+                + f" share a GPU with learner rank 0 on {host}, and NCCL cannot put two ranks on one GPU"
+                if shared else None)
+    if requested == "nccl":
+        if obstacle:
+            raise ValueError(f"cluster.weight_sync_backend: nccl cannot work here: {obstacle}. Set it to auto "
+                             "(gloo through host memory where NCCL cannot work) or gloo, or give the learner "
+                             "and the engines GPUs of their own (learner.num_gpus: 1, rollout.num_gpus: 1)")
+        return "nccl", "cluster.weight_sync_backend is nccl"
+    if requested != "auto":
+        raise ValueError(f"cluster.weight_sync_backend: {requested!r} is not one of auto, gloo, nccl")
+    if accelerator_backend != "nccl":
+        return "gloo", f"the learner's accelerator communicates over {accelerator_backend}"
+    if obstacle:
+        return "gloo", f"{obstacle}: gloo through host memory instead of NCCL"
+    return "nccl", "learner rank 0 and every engine each on a GPU of its own"
+
+
 def make_transport(host: str, port: int, rank: int, world_size: int, backend: str, device: str,
                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightTransport:
     """Factory used by both sides so they agree on the implementation."""
