@@ -131,7 +131,8 @@ def plot_history(history: list[dict], path: Path) -> None:
             ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", label=key[len(prefix):])
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a family with no metrics yet has nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
