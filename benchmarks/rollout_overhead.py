@@ -2,7 +2,7 @@
 bare in-process `vllm.LLM.generate` on the same model, prompts and sampling.
 
 The paths, interleaved repeat by repeat in one invocation (so drift of a shared machine hits
-all alike), each warmed up first (engine start-up, the first log-probs request, the reward
+all alike; the order rotates from repeat to repeat), each warmed up first (engine start-up, the first log-probs request, the reward
 actor's first call are not timed):
 
 * ``bare``: a child process holding one `vllm.LLM` built with the engine arguments
@@ -214,30 +214,42 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         load["ready"] = os.getloadavg()
         calls0 = ray.get(engine.stats.remote())["generate_calls"]
         reps: dict[str, list[dict]] = {"bare": [], "actor": [], "driver": [], "actor_2_chunks": []}
-        for r in range(a.repeats):
-            log.info("repeat %d of %d", r + 1, a.repeats)
-            time.sleep(pause_s)
-            reps["bare"].append(bare.run(r))
-            time.sleep(pause_s)
+
+        def time_bare(r: int) -> dict:
+            return bare.run(r)
+
+        def time_actor(r: int) -> dict:
             t0 = time.perf_counter()
             outs = ray.get(engine.generate.remote(messages, _sampling(cfg.rollout, _step_seed(cfg, r)),
                                                   cfg.rollout.group_size))
-            reps["actor"].append({"tokens": sum(len(s["token_ids"]) for o in outs for s in o["samples"]),
-                                  "seconds": time.perf_counter() - t0})
+            return {"tokens": sum(len(s["token_ids"]) for o in outs for s in o["samples"]),
+                    "seconds": time.perf_counter() - t0}
+
+        def time_driver(r: int) -> dict:
             run.version = r  # the seeds of repeat r
-            time.sleep(pause_s)
             t0 = time.perf_counter()
             _, m = run.generate_and_score(examples)
-            reps["driver"].append({"tokens": int(m["rollout/generated_tokens"]), "seconds": m["time/generate"],
-                                   "end_to_end_s": time.perf_counter() - t0, "reward_wait_s": m["time/reward_wait"]})
-            if a.chunked:  # the pre-issue-10 driver: examples[i::2] as call i, both submitted at once
+            return {"tokens": int(m["rollout/generated_tokens"]), "seconds": m["time/generate"],
+                    "end_to_end_s": time.perf_counter() - t0, "reward_wait_s": m["time/reward_wait"]}
+
+        def time_chunks(r: int) -> dict:  # the pre-issue-10 driver: examples[i::2] as call i, both at once
+            t0 = time.perf_counter()
+            parts = ray.get([engine.generate.remote(messages[i::2], _sampling(cfg.rollout, _step_seed(cfg, r) + i),
+                                                    cfg.rollout.group_size) for i in range(2)])
+            return {"tokens": sum(len(s["token_ids"]) for part in parts for o in part for s in o["samples"]),
+                    "seconds": time.perf_counter() - t0}
+
+        paths = {"bare": time_bare, "actor": time_actor, "driver": time_driver,
+                 **({"actor_2_chunks": time_chunks} if a.chunked else {})}
+        names = list(paths)
+        for r in range(a.repeats):
+            # The order rotates per repeat, so no path always runs first in a repeat or right
+            # after the same other path (an order effect would read as that path's overhead).
+            order = names[r % len(names):] + names[:r % len(names)]
+            log.info("repeat %d of %d: %s", r + 1, a.repeats, ", ".join(order))
+            for name in order:
                 time.sleep(pause_s)
-                t0 = time.perf_counter()
-                parts = ray.get([engine.generate.remote(messages[i::2], _sampling(cfg.rollout, _step_seed(cfg, r) + i),
-                                                        cfg.rollout.group_size) for i in range(2)])
-                reps["actor_2_chunks"].append({"tokens": sum(len(s["token_ids"]) for part in parts for o in part
-                                                             for s in o["samples"]),
-                                               "seconds": time.perf_counter() - t0})
+                reps[name].append(paths[name](r))
         calls = ray.get(engine.stats.remote())["generate_calls"] - calls0 - a.repeats * (3 if a.chunked else 1)
         load["end"] = os.getloadavg()
         run.shutdown()
