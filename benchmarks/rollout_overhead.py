@@ -2,8 +2,8 @@
 bare in-process `vllm.LLM.generate` on the same model, prompts and sampling.
 
 The paths, interleaved repeat by repeat in one invocation (so drift of a shared machine hits
-all alike; the order rotates from repeat to repeat), each warmed up first (engine start-up, the first log-probs request, the reward
-actor's first call are not timed):
+all alike; the order rotates from repeat to repeat), each warmed up first (engine start-up, the
+first log-probs request, the reward actor's first call are not timed):
 
 * ``bare``: a child process holding one `vllm.LLM` built with the engine arguments
   `RolloutWorker` uses; per repeat one `generate` with every prompt (the engine batches them).
@@ -215,9 +215,6 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         calls0 = ray.get(engine.stats.remote())["generate_calls"]
         reps: dict[str, list[dict]] = {"bare": [], "actor": [], "driver": [], "actor_2_chunks": []}
 
-        def time_bare(r: int) -> dict:
-            return bare.run(r)
-
         def time_actor(r: int) -> dict:
             t0 = time.perf_counter()
             outs = ray.get(engine.generate.remote(messages, _sampling(cfg.rollout, _step_seed(cfg, r)),
@@ -239,7 +236,7 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
             return {"tokens": sum(len(s["token_ids"]) for part in parts for o in part for s in o["samples"]),
                     "seconds": time.perf_counter() - t0}
 
-        paths = {"bare": time_bare, "actor": time_actor, "driver": time_driver,
+        paths = {"bare": bare.run, "actor": time_actor, "driver": time_driver,
                  **({"actor_2_chunks": time_chunks} if a.chunked else {})}
         names = list(paths)
         for r in range(a.repeats):

@@ -316,7 +316,8 @@ def choose_backend(requested: str, accelerator_backend: str, sender: Place,
         return "gloo", "cluster.weight_sync_backend is gloo"
     host, gpus = sender
     bare = [i for i, (_, g) in enumerate(receivers) if not g]
-    shared = {i: sorted(set(g) & set(gpus)) for i, (h, g) in enumerate(receivers) if h == host and set(g) & set(gpus)}
+    common = {i: sorted(set(g) & set(gpus)) for i, (h, g) in enumerate(receivers) if h == host}
+    shared = {i: g for i, g in common.items() if g}
     obstacle = ("learner rank 0 has no GPU" if not gpus else
                 f"rollout engine(s) {bare} have no GPU" if bare else
                 "rollout engine(s) " + ", ".join(f"{i} (GPU {','.join(g)})" for i, g in shared.items())

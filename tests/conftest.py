@@ -27,12 +27,14 @@ def _restore_root_logging():
 
 
 @pytest.fixture
-def ray_local():
-    """A private local Ray head for one test, its temp dir removed after."""
+def ray_local(request):
+    """A private local Ray head for one test, its temp dir removed after. Indirect parametrization
+    adds ray.init arguments (e.g. `{"num_gpus": 2}`: GPUs declared, none needed)."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="rlsys-test-ray-", dir="/tmp")  # short: Ray's socket paths
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             **getattr(request, "param", {}))
     try:
         yield ray
     finally:

@@ -4,9 +4,6 @@ and an engine on a one-GPU machine), else gloo through host memory; an explicit 
 cannot work is refused with the fix. Placement is read from a real Ray head that declares GPUs."""
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import pytest
 
 from rlsys.weight_sync import choose_backend
@@ -52,35 +49,30 @@ def test_nccl_without_gpus_is_refused_by_the_config(base):
 
 
 @pytest.mark.e2e
-def test_actors_sharing_a_gpu_are_seen_sharing_it():
+@pytest.mark.parametrize("ray_local", [{"num_gpus": 2}], indirect=True)
+def test_actors_sharing_a_gpu_are_seen_sharing_it(ray_local):
     """Ray places a learner and an engine of num_gpus 0.5 on one GPU (declared, none needed): the
     places the directory records make `auto` choose gloo and `nccl` fail before any broadcast."""
-    import ray
-
     from rlsys.cluster import ActorDirectory
 
-    tmp = tempfile.mkdtemp(prefix="rlsys-test-ray-", dir="/tmp")
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    try:
-        @ray.remote(num_cpus=0)
-        class Rank:
-            pass
+    ray = ray_local
 
-        half = [Rank.options(num_gpus=0.5).remote() for _ in range(2)]
-        whole = Rank.options(num_gpus=1).remote()
-        none = Rank.remote()
-        actors = ActorDirectory()
-        for i, a in enumerate([*half, whole, none]):
-            actors.add(a, f"actor {i}")
-        actors.locate([*half, whole, none], timeout=60)
-        learner, engine, own, bare = (actors.place(a) for a in (*half, whole, none))
-        assert learner == engine and len(learner[1]) == 1, (learner, engine)
-        assert own[1] and not set(own[1]) & set(learner[1]) and bare[1] == ()
-        assert "(GPU " in actors.name(whole._actor_id.hex())
-        assert choose_backend("auto", "nccl", learner, [engine])[0] == "gloo"
-        assert choose_backend("auto", "nccl", learner, [own])[0] == "nccl"
-        with pytest.raises(ValueError, match="share a GPU"):
-            choose_backend("nccl", "nccl", learner, [own, engine])
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    @ray.remote(num_cpus=0)
+    class Rank:
+        pass
+
+    half = [Rank.options(num_gpus=0.5).remote() for _ in range(2)]
+    whole = Rank.options(num_gpus=1).remote()
+    none = Rank.remote()
+    actors = ActorDirectory()
+    for i, a in enumerate([*half, whole, none]):
+        actors.add(a, f"actor {i}")
+    actors.locate([*half, whole, none], timeout=60)
+    learner, engine, own, bare = (actors.place(a) for a in (*half, whole, none))
+    assert learner == engine and len(learner[1]) == 1, (learner, engine)
+    assert own[1] and not set(own[1]) & set(learner[1]) and bare[1] == ()
+    assert "(GPU " in actors.name(whole._actor_id.hex())
+    assert choose_backend("auto", "nccl", learner, [engine])[0] == "gloo"
+    assert choose_backend("auto", "nccl", learner, [own])[0] == "nccl"
+    with pytest.raises(ValueError, match="share a GPU"):
+        choose_backend("nccl", "nccl", learner, [own, engine])
