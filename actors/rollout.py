@@ -72,7 +72,8 @@ class RolloutWorker:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True,
                  dtype: str = "bfloat16", seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", warmup: bool = True,
-                 max_num_batched_tokens: int | None = None, cpu_engine_in_process: bool = True) -> None:
+                 max_num_batched_tokens: int | None = None, cpu_engine_in_process: bool = True,
+                 cpu_fast_top_p: bool = True) -> None:
         """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
         one NUMA node's free memory and fails on a shared machine); on GPU
         `gpu_memory_utilization` still bounds the engine. `logprobs_mode`:
@@ -91,7 +92,10 @@ class RolloutWorker:
 
         `cpu_engine_in_process` (CPU only): the engine core and its worker run in this process
         (`RolloutConfig.cpu_engine_in_process` says why), so there are no engine processes or
-        shared-memory rings to look after."""
+        shared-memory rings to look after.
+
+        `cpu_fast_top_p` (CPU only): top-p without sorting the vocabulary (`actors.top_p`;
+        `RolloutConfig.cpu_fast_top_p` says why)."""
         t0 = time.perf_counter()
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -132,6 +136,10 @@ class RolloutWorker:
                 self._stop_engine_processes(30.0)
                 raise
             self.llm.collective_rpc("rlsys_init_amx")
+            self.fast_top_p = all(self.llm.collective_rpc("rlsys_cpu_top_p", args=(bool(cpu_fast_top_p),)))
+            log.info("top-p filter: %s", "actors.top_p (no vocabulary sort)" if self.fast_top_p else "vLLM's")
+        else:
+            self.fast_top_p = False
         if warmup:
             # The first request that asks for logprobs pays a one-off cost (seconds on CPU);
             # pay it here so the first rollout batch's timing is representative.
@@ -276,6 +284,7 @@ class RolloutWorker:
         st["generated_tokens_per_s"] = st["generated_tokens"] / secs if secs > 0 else 0.0
         st["rss_bytes"] = float(_tree_rss_bytes())
         st["policy_version"] = self._version
+        st["fast_top_p"] = float(self.fast_top_p)
         return st
 
     def shutdown(self, shutdown_timeout_s: float = 30.0) -> None:

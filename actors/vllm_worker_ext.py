@@ -153,12 +153,45 @@ def split_fused_problems(names: list[str], packed: dict[str, list[str]]) -> list
             if got != set(packed[fused])]
 
 
+def install_cpu_top_p(enabled: bool) -> bool:
+    """Route vLLM's CPU sampler's top-p through `actors.top_p` (no sort of the vocabulary) when
+    `enabled`, back to vLLM's own filter when not. Process-wide: the sampler looks the filter up
+    by name in its module at every step. True when the fast filter is now in place; False where
+    this vLLM has no such hook (then nothing changed, and that is logged)."""
+    try:
+        from vllm.v1.sample.ops import topk_topp_sampler as sampler
+    except ImportError as e:
+        log.warning("fast CPU top-p not installed: %s", e)
+        return False
+    original = getattr(sampler, "_rlsys_original_filter", None) or getattr(sampler, "apply_top_k_top_p", None)
+    if original is None or getattr(sampler, "HAS_TRITON", False):
+        log.warning("fast CPU top-p not installed: this vLLM's sampler has no pytorch apply_top_k_top_p")
+        return False
+    sampler._rlsys_original_filter = original
+    if not enabled:
+        sampler.apply_top_k_top_p = original
+        return False
+    from actors.top_p import top_p_filter_
+
+    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+        if k is not None or p is None:  # top-k involved, or nothing to do: vLLM's own path
+            return original(logits, k, p)
+        return top_p_filter_(logits, p, original)[0]
+
+    sampler.apply_top_k_top_p = apply_top_k_top_p
+    return True
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's Worker; `self` is the worker (has `model_runner`, `reload_weights`)."""
 
     def rlsys_init_amx(self) -> bool:
         """AMX permission for the worker process (see `_request_amx`); True if granted."""
         return _request_amx()
+
+    def rlsys_cpu_top_p(self, enabled: bool) -> bool:
+        """`install_cpu_top_p` in the worker's process; True when the fast filter is in place."""
+        return install_cpu_top_p(enabled)
 
     def rlsys_init_weight_transport(self, host: str, port: int, rank: int, world_size: int,
                                     backend: str = "gloo") -> bool:

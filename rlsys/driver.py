@@ -109,7 +109,8 @@ class GRPORun:
         self._new_rollout = lambda i: cls.remote(
             model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
             gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
-            dtype=self.cfg.weights_dtype(), seed=self.cfg.seed + i, cpu_engine_in_process=rc.cpu_engine_in_process)
+            dtype=self.cfg.weights_dtype(), seed=self.cfg.seed + i, cpu_engine_in_process=rc.cpu_engine_in_process,
+            cpu_fast_top_p=rc.cpu_fast_top_p)
         return [self._new_rollout(i) for i in range(rc.num_actors)]
 
     def _start_rewarders(self) -> list:

@@ -59,7 +59,8 @@ class EvalEngine:
         self.engine = cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
                                  gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
                                  dtype=cfg.weights_dtype(), seed=cfg.seed,
-                                 cpu_engine_in_process=rc.cpu_engine_in_process)
+                                 cpu_engine_in_process=rc.cpu_engine_in_process,
+                                 cpu_fast_top_p=rc.cpu_fast_top_p)
 
     def sample(self, prompts: list[list[dict[str, str]]], n: int, seed: int) -> list[dict]:
         """`RolloutWorker.generate`'s result: per prompt, n samples or `skipped`."""

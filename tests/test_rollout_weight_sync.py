@@ -225,5 +225,10 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
     assert s["token_ids"] != before["token_ids"] or abs(s["logprobs"][0] - before["logprobs"][0]) > 1e-4
     _check_group(ray.get(worker.generate.remote([CHAT], sampling, 4))[0], 4, 2)
 
+    # top-p without top-k: through actors.top_p (installed on CPU by default)
+    nucleus = {**sampling, "top_k": -1, "temperature": 0.5}
+    _check_group(ray.get(worker.generate.remote([CHAT], nucleus, 4))[0], 4, 2)
+
     stats = ray.get(worker.stats.remote())
     assert stats["generated_tokens"] > 0 and stats["updates"] == 2
+    assert stats["fast_top_p"] == 1.0
