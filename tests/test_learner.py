@@ -10,7 +10,9 @@ import threading
 import pytest
 import torch
 
-from learners.logprobs import chunked_logprobs, naive_token_logprobs, num_chunks_for, token_logprobs
+import learners.logprobs as logprobs_mod
+from learners.logprobs import (FusedHeadLogprob, _head_logprobs, chunked_logprobs, fused_head_ok, naive_token_logprobs,
+                               num_chunks_for, token_logprobs)
 from learners.microbatches import backward_scale, build_micro_batches, filler_micro_batch
 from rlsys.algorithms import POLICY_LOSSES
 from rlsys.models import build_tiny_model
@@ -23,9 +25,20 @@ def tiny_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
+def tiny_model(tiny_dir):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+
+
+@pytest.fixture(params=["fused", "checkpoint"])
+def tiny(request, tiny_model, monkeypatch):
+    """The tiny model, its log-probs through the blocked head (`FusedHeadLogprob`, what a whole
+    Linear head gets) or through the per-chunk checkpointed autograd path (ZeRO-3, LoRA heads)."""
+    if request.param == "checkpoint":
+        monkeypatch.setattr(logprobs_mod, "fused_head_ok", lambda head: False)
+    else:
+        assert fused_head_ok(tiny_model.get_output_embeddings())
+    return tiny_model
 
 
 def _padded(lengths: list[int], vocab: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +107,63 @@ def test_backward_keeps_no_full_vocab_tensor(tiny):
     lp.sum().backward()  # and backward still works through the recomputation
     assert tiny.model.embed_tokens.weight.grad is not None
     tiny.zero_grad(set_to_none=True)
+
+
+def _head_case(dtype: torch.dtype, vocab: int = 1000, rows: int = 37, hidden: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+    head = head.to(dtype)
+    h = torch.randn(rows, hidden, generator=g).to(dtype)
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[:3] = torch.tensor([0, vocab - 1, 96])  # the first and last column, a block's first
+    return head, h, y, torch.randn(rows, generator=g)
+
+
+def _run_head(fn, head, h, y, upstream):
+    h = h.clone().requires_grad_()
+    head.weight.grad = None
+    lp, ent = fn(h)
+    (lp * upstream).sum().backward()
+    return lp.detach(), ent, h.grad.clone(), head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_equals_autograd_head(temperature):
+    """Blocks of 96 columns over a 1000-token vocabulary (the last one partial): log-probs,
+    entropy and both gradients equal autograd's through the full logits, in fp32."""
+    head, h, y, up = _head_case(torch.float32)
+    got = _run_head(lambda x: FusedHeadLogprob.apply(x, head.weight, y, temperature, True, 96), head, h, y, up)
+    want = _run_head(lambda x: _head_logprobs(head, x, y, True, temperature), head, h, y, up)
+    for name, a, b in zip(("logp", "entropy", "grad hidden", "grad weight"), got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (name, float((a - b).abs().max()))
+    assert float(got[2].abs().sum()) > 0 and float(got[3].abs().sum()) > 0
+
+
+def test_fused_head_bf16_as_close_to_exact_as_the_autograd_head():
+    """bf16 (logits rounded like nn.Linear's): each path's error against an fp64 computation
+    from the same bf16 inputs; the blocked one must be no worse (it collects the logit
+    gradient and multiplies once, as nn.Linear's backward does)."""
+    head, h, y, up = _head_case(torch.bfloat16, vocab=4000, rows=64, hidden=64)
+    fused = _run_head(lambda x: FusedHeadLogprob.apply(x, head.weight, y, 0.7, False, 512), head, h, y, up)
+    plain = _run_head(lambda x: _head_logprobs(head, x, y, False, 0.7), head, h, y, up)
+    h64 = h.double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    lp64 = ((h64 @ w64.t()) / 0.7).log_softmax(-1).gather(1, y[:, None])[:, 0]
+    (lp64 * up.double()).sum().backward()
+    for i, exact in ((0, lp64.detach()), (2, h64.grad), (3, w64.grad)):
+        err = lambda r: float((r[i].double() - exact).norm() / exact.norm())
+        assert err(fused) <= err(plain) * 1.05 + 1e-6, (i, err(fused), err(plain))
+
+
+def test_fused_head_only_for_a_whole_bias_free_linear():
+    head = torch.nn.Linear(8, 50, bias=False)
+    assert fused_head_ok(head)
+    assert not fused_head_ok(torch.nn.Linear(8, 50, bias=True))
+    assert not fused_head_ok(torch.nn.Sequential(head))       # e.g. a LoRA wrapper
+    head.weight.ds_id = 3                                      # ZeRO-3 partitioned: its hooks gather it
+    assert not fused_head_ok(head)
 
 
 def test_rejects_too_few_chunks(tiny):
