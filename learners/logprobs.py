@@ -10,8 +10,8 @@ With gradient, each chunk runs under `torch.utils.checkpoint`: the chunk's logit
 after the forward and recomputed, one chunk at a time, during backward. Without it, autograd
 would keep every chunk's logits alive until backward and nothing would be saved.
 
-Where the head is a plain bias-free Linear whose weight is whole in this process (not ZeRO-3
-partitioned), a chunk goes through `FusedHeadLogprob` instead: the vocabulary in blocks of
+Where the head is a plain bias-free Linear (under ZeRO-3 too: it runs as the module's forward,
+so DeepSpeed's hooks gather the weight), a chunk goes through `FusedHeadLogprob` instead: the vocabulary in blocks of
 `HEAD_BLOCK` columns, an online logsumexp in the forward, and a backward that recomputes each
 block's logits and writes its gradient, (onehot - softmax) * g / T, straight into the two
 matmuls. Every [rows, block] temporary stays cache-sized and nothing of vocabulary width is
@@ -127,11 +127,25 @@ def _block_logits(hidden: torch.Tensor, w: torch.Tensor, temperature: float) -> 
 
 
 def fused_head_ok(head: nn.Module) -> bool:
-    """True where `FusedHeadLogprob` can stand in for calling `head`: a bias-free nn.Linear
-    whose weight is whole here (a ZeRO-3 partitioned one is gathered only by the module's hooks,
-    and a LoRA-wrapped head is not a plain Linear)."""
-    return (type(head) is nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
-            and head.weight.dim() == 2)
+    """True where `FusedHeadLogprob` can stand in for `head`'s own forward: a bias-free
+    nn.Linear (a LoRA-wrapped head is not a plain Linear)."""
+    return type(head) is nn.Linear and head.bias is None
+
+
+def _fused_head_call(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`FusedHeadLogprob` run as `head`'s forward, through `head(...)`: whatever hooks the
+    module carries run around it as around its own forward. Under ZeRO-3 those gather the
+    partitioned weight before and release it after, and gather it again before backward (the
+    hook DeepSpeed puts on the module's outputs), as for `F.linear`."""
+    def forward(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return FusedHeadLogprob.apply(h, head.weight, targets, temperature, with_entropy)
+
+    head.forward = forward  # an instance attribute shadows nn.Linear.forward for this call only
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
 
 
 def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
@@ -214,7 +228,7 @@ def head_logprobs(head: nn.Module, hidden_flat: torch.Tensor, source: torch.Tens
     for ih, y in zip(idx.tensor_split(k), ys.tensor_split(k)):
         h = hidden_flat.index_select(0, ih)
         if fused:
-            lp, ent = FusedHeadLogprob.apply(h, head.weight, y, temperature, with_entropy)
+            lp, ent = _fused_head_call(head, h, y, temperature, with_entropy)
         elif use_ckpt:
             lp, ent = checkpoint(_head_logprobs, head, h, y, with_entropy, temperature, use_reentrant=False)
         else:

@@ -157,13 +157,23 @@ def test_fused_head_bf16_as_close_to_exact_as_the_autograd_head():
         assert err(fused) <= err(plain) * 1.05 + 1e-6, (i, err(fused), err(plain))
 
 
-def test_fused_head_only_for_a_whole_bias_free_linear():
+def test_fused_head_only_for_a_bias_free_linear_and_runs_as_its_forward():
     head = torch.nn.Linear(8, 50, bias=False)
     assert fused_head_ok(head)
     assert not fused_head_ok(torch.nn.Linear(8, 50, bias=True))
     assert not fused_head_ok(torch.nn.Sequential(head))       # e.g. a LoRA wrapper
-    head.weight.ds_id = 3                                      # ZeRO-3 partitioned: its hooks gather it
-    assert not fused_head_ok(head)
+    # The module's hooks run around it (ZeRO-3 gathers the weight in them), and its own forward
+    # is back afterwards.
+    seen = []
+    pre = head.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    post = head.register_forward_hook(lambda m, args, out: seen.append("post"))
+    try:
+        lp, _ = logprobs_mod.head_logprobs(head, torch.randn(5, 8), torch.arange(5), torch.arange(5), 2)
+    finally:
+        pre.remove()
+        post.remove()
+    assert seen == ["pre", "post"] * 3 and lp.shape == (5,)
+    assert "forward" not in head.__dict__ and head(torch.randn(2, 8)).shape == (2, 50)
 
 
 def test_rejects_too_few_chunks(tiny):
