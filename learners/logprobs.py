@@ -317,10 +317,26 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
             k = torch.cat([key[:, :, p0:p0 + p], k], dim=2)
             v = torch.cat([value[:, :, p0:p0 + p], v], dim=2)
             mask = seg.masks[i]
-        out, _ = sdpa_attention_forward(module, query[:, :, q0:q0 + n], k, v, mask, dropout=dropout,
-                                        scaling=scaling, is_causal=True)
+        if mask is not None and query.device.type == "cpu":
+            out = _masked_gqa_sdpa(module, query[:, :, q0:q0 + n], k, v, mask, dropout, scaling)
+        else:
+            out, _ = sdpa_attention_forward(module, query[:, :, q0:q0 + n], k, v, mask, dropout=dropout,
+                                            scaling=scaling, is_causal=True)
         outs.append(out)  # [1, n, heads, head_dim]
     return torch.cat(outs, dim=1), None
+
+
+def _masked_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, dropout: float, scaling: float | None) -> torch.Tensor:
+    """sdpa of a response segment after its shared prompt (an explicit mask), grouped-query
+    heads passed as they are (`enable_gqa`) instead of repeated: with a mask transformers
+    repeats them ([1, 3, 444, 64] keys copied to 9 heads, and summed back in backward), which on
+    CPU made a SmolLM2 segment's forward + backward 17-22 % slower (64 queries over 444 keys,
+    bf16 and fp32). Returns [1, n, heads, head_dim] like `sdpa_attention_forward`."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous()
 
 
 def _register_varlen() -> None:
