@@ -64,6 +64,7 @@ bench: install
 	$(PY) benchmarks/learner_throughput.py --mixes varied,long_prompt \
 	    --out benchmarks/results/learner_throughput_packing.json
 	$(PY) benchmarks/learner_memory.py
+	$(PY) benchmarks/hot_kernels.py
 	$(PY) benchmarks/learner_actor_overhead.py --nice0
 	$(PY) benchmarks/pipeline_overlap.py
 	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0. One learner rank with

@@ -7,6 +7,8 @@ first log-probs request, the reward actor's first call are not timed):
 
 * ``bare``: a child process holding one `vllm.LLM` built with the engine arguments
   `RolloutWorker` uses; per repeat one `generate` with every prompt (the engine batches them).
+  Its sampler is vLLM's own: on CPU the actor's applies top-p without sorting the vocabulary
+  (`rollout.cpu_fast_top_p`, actors/top_p.py), so there the actor can beat bare vLLM.
 * ``actor``: the `RolloutWorker` Ray actor the driver starts (`GRPORun`: same resources and
   env); per repeat one `generate.remote` with every prompt: the cost of Ray and the actor alone.
 * ``driver``: `GRPORun.generate_and_score`, the training step's rollout path, however the
