@@ -7,8 +7,8 @@ step (`apply_top_k_top_p_pytorch`). On a 49k vocabulary that sort was 27 % of ge
 The tokens top-p keeps are the largest ones, so they sit among the row's `candidates` largest
 logits whenever those hold at least mass p; `topk` finds them without a sort (2.5 ms instead of
 23-43 ms for 16 x 49152). A row whose candidates hold less than p (a flat distribution, e.g. a
-random-init model) goes through the sort-based filter it replaces, so every row gets the same
-kept set either way.
+random-init model) goes through the sort-based filter it replaces, so every row is filtered by
+the same rule either way.
 
 The rule is vLLM's: a token is dropped when the probability mass of the tokens ranked above it
 is already >= p (vLLM: the ascending cumulative sum up to and including it is <= 1 - p), and
@@ -21,8 +21,8 @@ same number of the tied tokens is kept but maybe other ones of them (each filter
 whichever of the equal logits its sort or top-k put first). The kept logit values, hence the
 nucleus's mass and the distribution over values, are the same.
 
-Pure torch (no vLLM import): `install` in actors/vllm_worker_ext.py hands it vLLM's function
-as `fallback`.
+Pure torch (no vLLM import): `install_cpu_top_p` in actors/vllm_worker_ext.py hands it vLLM's
+function as `fallback`.
 """
 from __future__ import annotations
 

@@ -164,8 +164,11 @@ def install_cpu_top_p(enabled: bool) -> bool:
         log.warning("fast CPU top-p not installed: %s", e)
         return False
     original = getattr(sampler, "_rlsys_original_filter", None) or getattr(sampler, "apply_top_k_top_p", None)
-    if original is None or getattr(sampler, "HAS_TRITON", False):
-        log.warning("fast CPU top-p not installed: this vLLM's sampler has no pytorch apply_top_k_top_p")
+    if original is None:
+        log.warning("fast CPU top-p not installed: this vLLM's sampler has no apply_top_k_top_p")
+        return False
+    if getattr(sampler, "HAS_TRITON", False):
+        log.warning("fast CPU top-p not installed: vLLM filters top-p with its Triton kernel here")
         return False
     sampler._rlsys_original_filter = original
     if not enabled:
