@@ -113,7 +113,13 @@ def ds_config(lc: LearnerConfig, dtype: torch.dtype, *, train: bool, model_numel
         cfg.update(gradient_clipping=lc.grad_clip, managed_gradient_accumulation=False)
         if dtype == torch.bfloat16 and lc.zero_stage >= 1:
             # Sum micro-batch gradients in fp32, not bf16 (8 mantissa bits lose small updates).
+            # DeepSpeed refuses this at stage 0, which sums them in bf16 (hence auto's stage 1
+            # for one bf16 rank, rlsys.config.LearnerConfig.zero_stage).
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+            # Stage 1's BF16_Optimizer: add each parameter's bf16 gradient into its fp32 sum as
+            # soon as backward produces it and drop it, instead of holding all of them to the end
+            # of backward (same sums; 0.08 GiB less peak for SmolLM2-135M).
+            cfg["bf16"]["immediate_grad_update"] = True
     return cfg
 
 
@@ -125,6 +131,30 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.o
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def reset_materialised_adam_steps(optimizer: Any) -> int:
+    """Undo the step count of the zero-gradient step DeepSpeed's fp16/bf16 wrappers at ZeRO stage
+    0 (FP16_Optimizer, FP16_UnfusedOptimizer) take at start-up to create Adam's state. The step
+    changes no moment, but Adam counts it, so the first real update used step-2 bias correction:
+    (1 - 0.9) / (1 - 0.9^2) * sqrt((1 - 0.999^2) / (1 - 0.999)) = 0.744 of its size, the next
+    ones 0.86, 0.91, ... (measured on a one-rank bf16 learner: every weight moved 0.744 lr in
+    the first step). Call it right after `deepspeed.initialize`: each state whose moments are
+    still all zero gets its step back to 0. Returns the states reset (0 where nothing stepped).
+    With weight decay that start-up step also shrank the master weights once by lr x decay."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    reset = 0
+    for state in getattr(inner, "state", {}).values():
+        step = state.get("step")
+        moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+        if step is None or float(step) == 0 or not moments or any(bool(m.any()) for m in moments):
+            continue
+        if torch.is_tensor(step):
+            step.zero_()
+        else:
+            state["step"] = 0
+        reset += 1
+    return reset
 
 
 def keep_clip_norm(engine: Any) -> None:

@@ -13,8 +13,10 @@ CACHE = os.path.expanduser("~/.cache/rlsys")
 
 
 @contextmanager
-def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-", world: int = 2) -> Iterator[dict]:
-    """Yields {"learners": [`world` actors], "transport": the receiving end of their weight group}."""
+def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-", world: int = 2,
+                  dtype: str | None = None) -> Iterator[dict]:
+    """Yields {"learners": [`world` actors], "transport": the receiving end of their weight group};
+    `dtype`: the weights' (None: the checkpoint's)."""
     import ray
 
     from learners.deepspeed_learner import DeepSpeedLearner
@@ -30,7 +32,7 @@ def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-", world: int 
     try:
         cls = ray.remote(num_cpus=1)(DeepSpeedLearner)
         port, sync_port = free_port(), free_port()
-        learners = [cls.remote(r, world, "127.0.0.1", port, model_dir, lc, ac, 0) for r in range(world)]
+        learners = [cls.remote(r, world, "127.0.0.1", port, model_dir, lc, ac, 0, dtype) for r in range(world)]
         # Weight-sync group: the learners' rank 0 + one receiver here, joining concurrently.
         th = threading.Thread(target=lambda: receiver.update(
             transport=make_transport("127.0.0.1", sync_port, 1, 2, "gloo", "cpu")))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from rlsys.config import ConfigError, load_config
+from rlsys.config import ConfigError, RunConfig, load_config
 
 
 def test_valid_config_and_overrides(base):
@@ -130,13 +130,26 @@ def test_auto_dtype_follows_the_hardware(base):
 
 
 def test_auto_zero_stage_and_heap_threshold_follow_the_ranks(base):
-    """One rank: ZeRO-0 (nothing to partition) and glibc's heap; several: ZeRO-3 and the 1 MiB
+    """One rank: nothing to partition, glibc's heap, and ZeRO-0 for fp32 weights or ZeRO-1 for
+    bf16 ones (whose optimizer sums micro-batch gradients in fp32); several: ZeRO-3 and the 1 MiB
     heap threshold that keeps its freed gathers out of RSS. Explicit values win."""
-    several = load_config(base=base, overrides=["learner.num_ranks=2"]).learner
+    several = load_config(base=base, overrides=["learner.num_ranks=2", "model.dtype=bfloat16"]).learner
     assert several.zero_stage == 3 and several.heap_mmap_threshold_mib == 1.0
-    one = load_config(base=base, overrides=["learner.num_ranks=1"]).learner
-    assert one.zero_stage == 0 and one.heap_mmap_threshold_mib is None
-    assert one.model_dump()["zero_stage"] == 0  # the saved config says what ran
+    for dtype, stage in (("float32", 0), ("bfloat16", 1), ("float16", 0)):
+        one = load_config(base=base, overrides=["learner.num_ranks=1", f"model.dtype={dtype}"]).learner
+        assert (one.zero_stage, one.heap_mmap_threshold_mib) == (stage, None), dtype
+        assert one.model_dump()["zero_stage"] == stage  # the saved config says what ran
+    auto = load_config(base=base, overrides=["learner.num_ranks=1"])  # the dtype this machine picks
+    assert auto.learner.zero_stage == (1 if auto.weights_dtype() == "bfloat16" else 0)
+    gpu = load_config(base=base, overrides=["learner.num_ranks=1", "learner.num_gpus=1"]).learner
+    assert gpu.zero_stage == 1  # bf16 on a GPU whatever the driver's CPU
+    assert load_config(base=base, overrides=["learner.num_ranks=1", "model.dtype=bfloat16",
+                                             "learner.zero_stage=0"]).learner.zero_stage == 0
+    assert base["model"] == {"path": base["model"]["path"]}  # overrides never touched the base tree
+    # A saved config read back keeps its stage, whatever the machine reading it.
+    saved = load_config(base=base, overrides=["learner.num_ranks=1", "model.dtype=bfloat16"]).model_dump()
+    saved["model"]["dtype"] = "float32"
+    assert RunConfig.model_validate(saved).learner.zero_stage == 1
     pinned = load_config(base=base, overrides=["learner.num_ranks=1", "learner.zero_stage=3",
                                                "learner.heap_mmap_threshold_mib=4"]).learner
     assert pinned.zero_stage == 3 and pinned.heap_mmap_threshold_mib == 4.0
