@@ -9,6 +9,9 @@ first log-probs request, the reward actor's first call are not timed):
   `RolloutWorker` uses; per repeat one `generate` with every prompt (the engine batches them).
   Its sampler is vLLM's own: on CPU the actor's applies top-p without sorting the vocabulary
   (`rollout.cpu_fast_top_p`, actors/top_p.py), so there the actor can beat bare vLLM.
+* ``bare_fast_top_p`` (CPU): the same child and engine with the actor's top-p filter installed
+  for its runs (the worker extension's `rlsys_cpu_top_p`): the same sampler as the actor, so
+  actor/bare_fast_top_p is what Ray and the actor cost over the engine alone.
 * ``actor``: the `RolloutWorker` Ray actor the driver starts (`GRPORun`: same resources and
   env); per repeat one `generate.remote` with every prompt: the cost of Ray and the actor alone.
 * ``driver``: `GRPORun.generate_and_score`, the training step's rollout path, however the
@@ -128,10 +131,14 @@ def bare_main(spec_path: str) -> int:
     llm.generate([{"prompt_token_ids": [0, 1]}], make_sampling_params({"max_new_tokens": 2}, 1, 0), use_tqdm=False)
     run(dict(spec["sampling"][0], max_new_tokens=spec["warmup_tokens"]))
     print(RESULT + json.dumps({"ready_s": time.perf_counter() - t0, "niceness": os.nice(0)}), flush=True)
+    fast = False
     for line in sys.stdin:
         cmd = line.split()
         if cmd[:1] != ["run"]:
             break
+        if current_platform.is_cpu() and (cmd[2:] == ["fast"]) != fast:
+            fast = cmd[2:] == ["fast"]
+            llm.collective_rpc("rlsys_cpu_top_p", args=(fast,))
         t0 = time.perf_counter()
         tokens = run(spec["sampling"][int(cmd[1])])
         print(RESULT + json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0}), flush=True)
@@ -167,9 +174,9 @@ class BareEngine:
         raise RuntimeError(f"bare vLLM child exited ({self.proc.wait()}); its log: "
                            f"{self.log_path.read_text()[-4000:]}")
 
-    def run(self, repeat: int) -> dict:
+    def run(self, repeat: int, fast_top_p: bool = False) -> dict:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"run {repeat}\n")
+        self.proc.stdin.write(f"run {repeat}{' fast' if fast_top_p else ''}\n")
         self.proc.stdin.flush()
         return self._answer()
 
@@ -215,7 +222,9 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         bare = BareEngine(cfg, model_dir, examples, a.repeats, a.warmup_tokens, niceness, tmp)
         load["ready"] = os.getloadavg()
         calls0 = ray.get(engine.stats.remote())["generate_calls"]
-        reps: dict[str, list[dict]] = {"bare": [], "actor": [], "driver": [], "actor_2_chunks": []}
+        reps: dict[str, list[dict]] = {"bare": [], "bare_fast_top_p": [], "actor": [], "driver": [],
+                                       "actor_2_chunks": []}
+        on_cpu = cfg.rollout.num_gpus == 0  # where the actor's top-p filter applies
 
         def time_actor(r: int) -> dict:
             t0 = time.perf_counter()
@@ -238,7 +247,8 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
             return {"tokens": sum(len(s["token_ids"]) for part in parts for o in part for s in o["samples"]),
                     "seconds": time.perf_counter() - t0}
 
-        paths = {"bare": bare.run, "actor": time_actor, "driver": time_driver,
+        paths = {"bare": bare.run, **({"bare_fast_top_p": lambda r: bare.run(r, fast_top_p=True)} if on_cpu else {}),
+                 "actor": time_actor, "driver": time_driver,
                  **({"actor_2_chunks": time_chunks} if a.chunked else {})}
         names = list(paths)
         for r in range(a.repeats):
@@ -294,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rows["bare"]["tokens_per_s"]
     for row in rows.values():
         row["ratio_vs_bare"] = round(row["tokens_per_s"] / base, 3)
-    labels = {"bare": "bare vllm.LLM.generate", "actor": "rollout actor, one call",
+    labels = {"bare": "bare vllm.LLM.generate", "bare_fast_top_p": "bare, actor's top-p filter",
+              "actor": "rollout actor, one call",
               "driver": "driver generate_and_score", "actor_2_chunks": "rollout actor, 2 half calls"}
     print(f"{model_dir}: {len(examples)} prompts x G={rc.group_size}, max {rc.max_new_tokens} new tokens, "
           f"T={rc.temperature}, top_p={rc.top_p}, dtype {cfg.weights_dtype()}, {a.repeats} repeats")
@@ -321,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         "goal": {"driver_ratio_vs_bare": f">= {GOAL}"},
         "driver_ratio_vs_bare": rows["driver"]["ratio_vs_bare"],
     }
+    if "bare_fast_top_p" in rows:  # the same sampler as the actor's: Ray's and the actor's own cost
+        same = rows["bare_fast_top_p"]["tokens_per_s"]
+        out["same_sampler_ratios"] = {k: round(rows[k]["tokens_per_s"] / same, 3) for k in ("actor", "driver")}
+        print(f"with the actor's top-p filter in bare too: actor {out['same_sampler_ratios']['actor']:.3f}, "
+              f"driver {out['same_sampler_ratios']['driver']:.3f} of bare")
     write_file(a.out, json.dumps(out, indent=2) + "\n")  # atomic: a kill leaves the last result whole
     print(f"wrote {a.out}")
     return 0
