@@ -126,9 +126,11 @@ def load_state(ckpt: Path) -> RunState:
     return RunState(**data)
 
 
-# Settings that change what a resumed run computes: a mismatch is reported, not silently mixed.
+# Settings that change what a resumed run computes, or the layout of the learner's DeepSpeed
+# state (ranks, ZeRO stage: `learner.zero_stage: auto` picks one rank's stage by the weights'
+# dtype): a mismatch is reported, not silently mixed.
 _MUST_MATCH = ("seed", "model.path", "data.path", "data.format", "rollout.prompts_per_step",
-               "rollout.group_size", "learner.num_ranks")
+               "rollout.group_size", "learner.num_ranks", "learner.zero_stage")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -143,7 +145,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 def start_state(ckpt: Path | None, config: dict) -> RunState:
     """Where a run starts: step 0, or the checkpoint's state. A checkpoint made under settings
-    that change what the run computes (seed, model, data, batch shape, ranks) is refused."""
+    that change what the run computes (seed, model, data, batch shape, ranks, ZeRO stage) is refused."""
     if ckpt is None:
         return RunState(step=0, policy_version=0, stream={"epoch": 0, "index": 0}, config=config)
     state = load_state(ckpt)

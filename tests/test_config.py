@@ -1,4 +1,5 @@
 """Config validation: bad input stops before Ray, naming the key and what is allowed."""
+import copy
 import subprocess
 import sys
 
@@ -155,3 +156,14 @@ def test_auto_zero_stage_and_heap_threshold_follow_the_ranks(base):
     assert pinned.zero_stage == 3 and pinned.heap_mmap_threshold_mib == 4.0
     glibc = load_config(base=base, overrides=["learner.heap_mmap_threshold_mib=null"]).learner
     assert glibc.heap_mmap_threshold_mib is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_zero_stage(base):
+    """A one-rank checkpoint written at ZeRO-0 (auto before bf16 weights got stage 1) holds
+    DeepSpeed state that stage 1 cannot load: resuming names the setting to restore."""
+    from rlsys.checkpoint import config_differences
+    now = load_config(base=base, overrides=["learner.num_ranks=1", "model.dtype=bfloat16"]).model_dump()
+    then = copy.deepcopy(now)
+    then["learner"]["zero_stage"] = 0
+    assert config_differences(then, now) == ["learner.zero_stage: checkpoint 0, now 1"]
+    assert config_differences(now, copy.deepcopy(now)) == []
