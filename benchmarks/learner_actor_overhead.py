@@ -2,9 +2,10 @@
 step in the Ray actor a run starts, alternating, in one invocation.
 
 Each path is a child process that builds one learner rank (the whole model, at the ZeRO stage a
-run with `learner.num_ranks: 1` takes for the dtype: 0 in fp32, 1 in bf16) and runs a warm-up step and `--steps` timed steps of
-the same synthetic GRPO batch (benchmarks/learner_memory.py's `_batches`: `--prompts` prompts x
-G of `--prompt-tokens` + `--response-tokens`, two mini-batches, KL on, so every pass runs):
+run with `learner.num_ranks: 1` takes for the dtype: 0 in fp32, 1 in bf16) and runs a warm-up
+step and `--steps` timed steps of the same synthetic GRPO batch (benchmarks/learner_memory.py's
+`_batches`: `--prompts` prompts x G of `--prompt-tokens` + `--response-tokens`, two
+mini-batches, KL on, so every pass runs):
 
 * ``bare``: the learner constructed in the child itself.
 * ``actor``: the child starts a private Ray head and the learner as a Ray actor with the
@@ -35,15 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.machine import machine_info  # noqa: E402
+from rlsys.config import one_rank_zero_stage  # noqa: E402
 from rlsys.atomic import write_file  # noqa: E402
 
 log = logging.getLogger("learner_actor_overhead")
 PATHS = ("bare", "actor")
-
-
-def _zero_stage(dtype: str) -> int:
-    """What `learner.zero_stage: auto` runs one rank at (rlsys.config.LearnerConfig.zero_stage)."""
-    return 1 if dtype == "bfloat16" else 0
 
 
 def _child(path: str, a: argparse.Namespace) -> list[list[float]]:
@@ -57,7 +54,7 @@ def _child(path: str, a: argparse.Namespace) -> list[list[float]]:
 
     model_dir = resolve_model(a.model)
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    lc = LearnerConfig(num_ranks=1, zero_stage=_zero_stage(a.dtype), lr=1e-6, micro_batch_size=4)
+    lc = LearnerConfig(num_ranks=1, zero_stage=one_rank_zero_stage(a.dtype), lr=1e-6, micro_batch_size=4)
     ac = AlgorithmConfig(kl_coef=0.02, ppo_epochs=1, mini_batches=2)
     batch = _batches(a.prompts, a.group_size, 2, 1, a.prompt_tokens, a.response_tokens, vocab, seed=1)[0]
     args = (0, 1, "127.0.0.1", free_port(), model_dir, lc, ac, 0, a.dtype, 0.7)
@@ -130,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
                 "step_s": [round(s, 2) for s, _ in v]} for w, v in seconds.items()}
     bare = rows["bare"]["step_s_median"]
     print(f"learner step, {a.prompts} x G={a.group_size} of {a.prompt_tokens} + {a.response_tokens} tokens, "
-          f"ZeRO-{_zero_stage(a.dtype)}, {a.dtype}; {a.repeats} repeats x {a.steps} steps")
+          f"ZeRO-{one_rank_zero_stage(a.dtype)}, {a.dtype}; {a.repeats} repeats x {a.steps} steps")
     print(f"{'path':14}{'step s':>9}{'update s':>10}{'vs bare':>9}  range")
     for w, r in rows.items():
         print(f"{w:14}{r['step_s_median']:>9.1f}{r['update_s_median']:>10.1f}{r['step_s_median'] / bare:>9.3f}  "
               f"{min(r['step_s']):.1f}-{max(r['step_s']):.1f}")
     out = {"settings": {**{k: getattr(a, k) for k in ("model", "dtype", "prompts", "group_size", "prompt_tokens",
                                                       "response_tokens", "steps", "repeats")},
-                        "zero_stage": _zero_stage(a.dtype)},
+                        "zero_stage": one_rank_zero_stage(a.dtype)},
            "machine": machine_info(), "paths": rows,
            "ratio_actor_vs_bare": round(rows["actor"]["step_s_median"] / bare, 3)}
     if "actor_nice0" in rows:

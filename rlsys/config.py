@@ -536,6 +536,12 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def one_rank_zero_stage(weights_dtype: str) -> int:
+    """The ZeRO stage `learner.zero_stage: auto` gives one rank: 1 for bf16 weights, whose
+    optimizer there sums micro-batch gradients in fp32, else 0 (see LearnerConfig.zero_stage)."""
+    return 1 if weights_dtype == "bfloat16" else 0
+
+
 class RunConfig(Strict):
     name: str = "run"
     """Run name, shown in logs."""
@@ -567,12 +573,11 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _one_rank_bf16_stage(self) -> "RunConfig":
-        """`learner.zero_stage: auto` with one rank and bf16 weights: stage 1, whose optimizer
-        sums micro-batch gradients in fp32 (see LearnerConfig.zero_stage)."""
+    def _one_rank_stage_by_dtype(self) -> "RunConfig":
+        """`learner.zero_stage: auto` with one rank: the stage for the weights' dtype."""
         lc = self.learner
-        if lc._zero_stage_auto and lc.num_ranks == 1 and self.weights_dtype() == "bfloat16":
-            lc.__dict__["zero_stage"] = 1
+        if lc._zero_stage_auto and lc.num_ranks == 1:
+            lc.__dict__["zero_stage"] = one_rank_zero_stage(self.weights_dtype())
         return self
 
     def weights_dtype(self) -> str:
