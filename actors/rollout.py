@@ -129,6 +129,9 @@ class RolloutWorker:
             subprocess.Popen([sys.executable, str(Path(__file__).with_name("shm_watchdog.py")), str(os.getpid()),
                               *sorted(self._engine_shm)], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        # Tokens the KV cache holds (0 where the engine does not say): what kv_cache_gib bought.
+        self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
         if self.on_cpu:
             try:
                 check_no_split_prefill(self.llm.llm_engine.vllm_config.scheduler_config, self.max_model_len)
@@ -285,6 +288,7 @@ class RolloutWorker:
         st["rss_bytes"] = float(_tree_rss_bytes())
         st["policy_version"] = self._version
         st["fast_top_p"] = float(self.fast_top_p)
+        st["kv_cache_tokens"] = float(self.kv_cache_tokens)
         return st
 
     def shutdown(self, shutdown_timeout_s: float = 30.0) -> None:

@@ -39,9 +39,11 @@ import argparse
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -149,10 +151,10 @@ class BareEngine:
     """The parent's handle on the bare child (`bare_main`)."""
 
     def __init__(self, cfg: Any, model_dir: str, examples: list, repeats: int, warmup_tokens: int,
-                 niceness: int, tmp: Path) -> None:
+                 niceness: int, tmp: Path, answer_timeout_s: float) -> None:
         spec = {"model_dir": model_dir, "dtype": cfg.weights_dtype(), "engine_seed": cfg.seed,
                 "max_model_len": cfg.rollout.max_model_len, "enforce_eager": cfg.rollout.enforce_eager,
-                "kv_cache_gib": cfg.rollout.kv_cache_gib, "group_size": cfg.rollout.group_size,
+                "kv_cache_gib": cfg.kv_cache_gib(model_dir), "group_size": cfg.rollout.group_size,
                 "cpu_engine_in_process": cfg.rollout.cpu_engine_in_process,
                 "messages": [e.messages for e in examples], "warmup_tokens": warmup_tokens, "niceness": niceness,
                 "sampling": [_sampling(cfg.rollout, _step_seed(cfg, r)) for r in range(repeats)]}
@@ -162,12 +164,34 @@ class BareEngine:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, __file__, "--bare-spec", str(spec_path)], cwd=ROOT, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        # The child's stdout is read by a thread into a queue, so that every answer (start-up
+        # included) is awaited with a deadline: a hung engine fails the benchmark, never hangs it.
+        self.answer_timeout_s = answer_timeout_s
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, name="bare-child-stdout", daemon=True).start()
         self.ready = self._answer()
 
-    def _answer(self) -> dict:
-        """The child's next result line (its other output, vLLM's logging, is skipped)."""
+    def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output: the child exited
+
+    def _answer(self) -> dict:
+        """The child's next result line (its other output, vLLM's logging, is skipped), within
+        `answer_timeout_s`; a child that exits or stays silent that long is an error."""
+        deadline = time.monotonic() + self.answer_timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+                self._log.flush()
+                raise TimeoutError(f"bare vLLM child gave no answer within {self.answer_timeout_s:.0f} s "
+                                   f"(--answer-timeout-s); killed it. Its log: {self.log_path.read_text()[-4000:]}")
+            if line is None:
+                break
             if line.startswith(RESULT):
                 return json.loads(line[len(RESULT):])
         self._log.flush()
@@ -212,16 +236,17 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         run = GRPORun(cfg, model_dir, learners=False)
         start_s = time.perf_counter() - t0
         engine = run.rollouts[0]
-        niceness = ray.get(engine.__ray_call__.remote(lambda self: os.nice(0)))
+        wait = a.answer_timeout_s  # every wait on an actor has this deadline
+        niceness = ray.get(engine.__ray_call__.remote(lambda self: os.nice(0)), timeout=wait)
         messages = [e.messages for e in examples]
         # Warm-up: the engine's batch shapes and the reward actor's first call (it loads its models).
         run.cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_new_tokens": a.warmup_tokens})})
         run.generate_and_score(examples)
         run.cfg = cfg
         log.info("starting the bare engine (nice %d, as the rollout actor)", niceness)
-        bare = BareEngine(cfg, model_dir, examples, a.repeats, a.warmup_tokens, niceness, tmp)
+        bare = BareEngine(cfg, model_dir, examples, a.repeats, a.warmup_tokens, niceness, tmp, a.answer_timeout_s)
         load["ready"] = os.getloadavg()
-        calls0 = ray.get(engine.stats.remote())["generate_calls"]
+        calls0 = ray.get(engine.stats.remote(), timeout=wait)["generate_calls"]
         reps: dict[str, list[dict]] = {"bare": [], "bare_fast_top_p": [], "actor": [], "driver": [],
                                        "actor_2_chunks": []}
         on_cpu = cfg.rollout.num_gpus == 0  # where the actor's top-p filter applies
@@ -229,7 +254,7 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         def time_actor(r: int) -> dict:
             t0 = time.perf_counter()
             outs = ray.get(engine.generate.remote(messages, _sampling(cfg.rollout, _step_seed(cfg, r)),
-                                                  cfg.rollout.group_size))
+                                                  cfg.rollout.group_size), timeout=wait)
             return {"tokens": sum(len(s["token_ids"]) for o in outs for s in o["samples"]),
                     "seconds": time.perf_counter() - t0}
 
@@ -243,7 +268,7 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
         def time_chunks(r: int) -> dict:  # the pre-issue-10 driver: examples[i::2] as call i, both at once
             t0 = time.perf_counter()
             parts = ray.get([engine.generate.remote(messages[i::2], _sampling(cfg.rollout, _step_seed(cfg, r) + i),
-                                                    cfg.rollout.group_size) for i in range(2)])
+                                                    cfg.rollout.group_size) for i in range(2)], timeout=wait)
             return {"tokens": sum(len(s["token_ids"]) for part in parts for o in part for s in o["samples"]),
                     "seconds": time.perf_counter() - t0}
 
@@ -259,7 +284,7 @@ def run_paths(cfg: Any, model_dir: str, examples: list, a: argparse.Namespace, t
             for name in order:
                 time.sleep(pause_s)
                 reps[name].append(paths[name](r))
-        calls = ray.get(engine.stats.remote())["generate_calls"] - calls0 - a.repeats * (3 if a.chunked else 1)
+        calls = ray.get(engine.stats.remote(), timeout=wait)["generate_calls"] - calls0 - a.repeats * (3 if a.chunked else 1)
         load["end"] = os.getloadavg()
         run.shutdown()
     finally:
@@ -286,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=16, help="max_new_tokens of the untimed warm-up")
     p.add_argument("--chunked", action="store_true", help="also time the actor given two half calls (the old driver)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
+    p.add_argument("--answer-timeout-s", type=float, default=1800.0,
+                   help="deadline of each wait on the engines: the bare child's start-up and answers, the actor's calls")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_overhead.json"))
     p.add_argument("--bare-spec", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -321,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"config": a.config, "model": model_dir, "dtype": cfg.weights_dtype(), "prompts": len(examples),
                      "group_size": rc.group_size, "max_new_tokens": rc.max_new_tokens, "temperature": rc.temperature,
                      "top_p": rc.top_p, "top_k": rc.top_k, "max_model_len": rc.max_model_len,
-                     "kv_cache_gib": rc.kv_cache_gib, "rollout_num_cpus": rc.num_cpus, "repeats": a.repeats,
+                     "kv_cache_gib": cfg.kv_cache_gib(model_dir), "rollout_num_cpus": rc.num_cpus, "repeats": a.repeats,
                      "warmup_tokens": a.warmup_tokens, "reward_channels": cfg.reward.active_channels(),
                      "niceness": res["niceness"], "overrides": a.set},
         "machine": machine_info(),

@@ -91,14 +91,16 @@ class RolloutConfig(Strict):
     """Maximum tokens generated per sample."""
     max_model_len: int = Field(default=1024, ge=16)
     """Prompt + response token budget of the engine; longer prompts are skipped and counted."""
-    kv_cache_gib: float = Field(default=1.0, gt=0.0)
+    kv_cache_gib: float | Literal["auto"] = 1.0
     """KV-cache size per engine on CPU (replaces VLLM_CPU_KVCACHE_SPACE); ignored on GPU. It is
     allocated whole when the engine starts and stays resident (SmolLM2-135M fp32: 2.79 vs
     2.19 GiB RSS for 1.0 vs 0.4 GiB), so size it to the step: an engine decodes
-    prompts_per_step / num_actors x group_size sequences at once, each up to its prompt plus
-    max_new_tokens, at 2 x layers x kv_heads x head_dim x dtype bytes a token (SmolLM2-135M
-    fp32: 45 KiB; vLLM logs the tokens the cache holds at start-up). Smaller, and the engine
-    decodes fewer sequences at once."""
+    ceil(prompts_per_step / num_actors) x group_size sequences at once, each up to its prompt
+    plus max_new_tokens, at 2 x layers x kv_heads x head_dim x dtype bytes a token (SmolLM2-135M:
+    45 KiB in fp32, 22.5 KiB in bf16; vLLM logs the tokens the cache holds at start-up).
+    Smaller, and the engine decodes fewer sequences at once. "auto": exactly that many
+    sequences of max_model_len tokens, from the model's config (`RunConfig.kv_cache_gib`; the
+    run logs the size); an evaluation that samples more at once decodes them in turns."""
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of GPU memory vLLM may take (GPU only)."""
     enforce_eager: bool = True
@@ -119,6 +121,13 @@ class RolloutConfig(Strict):
     """Logical Ray CPUs each rollout actor reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)
     """GPUs each rollout actor reserves (0 on CPU machines)."""
+
+    @field_validator("kv_cache_gib")
+    @classmethod
+    def _positive_kv(cls, v: float | str) -> float | str:
+        if v != "auto" and not v > 0:
+            raise ValueError(f"must be > 0 GiB or auto (got {v})")
+        return v
 
     @model_validator(mode="after")
     def _budget(self) -> "RolloutConfig":
@@ -579,6 +588,16 @@ class RunConfig(Strict):
         if lc._zero_stage_auto and lc.num_ranks == 1:
             lc.__dict__["zero_stage"] = one_rank_zero_stage(self.weights_dtype())
         return self
+
+    def kv_cache_gib(self, model_dir: str) -> float:
+        """`rollout.kv_cache_gib` with auto resolved for the model in `model_dir` (see
+        RolloutConfig.kv_cache_gib): what every rollout engine gets."""
+        rc = self.rollout
+        if rc.kv_cache_gib != "auto":
+            return float(rc.kv_cache_gib)
+        from rlsys.models import kv_cache_gib_for
+        sequences = -(-rc.prompts_per_step // rc.num_actors) * rc.group_size
+        return kv_cache_gib_for(model_dir, self.weights_dtype(), rc.max_model_len, sequences)
 
     def weights_dtype(self) -> str:
         """`model.dtype` with auto resolved (see ModelConfig.dtype): what every actor gets."""

@@ -104,10 +104,13 @@ class GRPORun:
         from actors.rollout import RolloutWorker
 
         rc = self.cfg.rollout
+        kv_gib = self.cfg.kv_cache_gib(model_dir)
+        if rc.num_gpus == 0:
+            log.info("KV cache per rollout engine: %.3f GiB (rollout.kv_cache_gib: %s)", kv_gib, rc.kv_cache_gib)
         cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env={
             "env_vars": actor_env(1 if rc.num_gpus == 0 else None)})(RolloutWorker)
         self._new_rollout = lambda i: cls.remote(
-            model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
+            model_dir, max_model_len=rc.max_model_len, kv_cache_gib=kv_gib,
             gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
             dtype=self.cfg.weights_dtype(), seed=self.cfg.seed + i, cpu_engine_in_process=rc.cpu_engine_in_process,
             cpu_fast_top_p=rc.cpu_fast_top_p)

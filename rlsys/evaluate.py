@@ -56,7 +56,7 @@ class EvalEngine:
         self.timeout_s = cfg.cluster.actor_timeout_s
         self.sampling = dict(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                              repetition_penalty=rc.repetition_penalty, max_new_tokens=rc.max_new_tokens)
-        self.engine = cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib,
+        self.engine = cls.remote(model_dir, max_model_len=rc.max_model_len, kv_cache_gib=cfg.kv_cache_gib(model_dir),
                                  gpu_memory_utilization=rc.gpu_memory_utilization, enforce_eager=rc.enforce_eager,
                                  dtype=cfg.weights_dtype(), seed=cfg.seed,
                                  cpu_engine_in_process=rc.cpu_engine_in_process,

@@ -220,3 +220,34 @@ def resolve_model(path: str, cache_dir: str | os.PathLike[str] | None = None) ->
         raise ValueError(f"model path {path!r} is not a directory (expected a Hugging Face model "
                          f"directory or one of: {', '.join(PACKAGED)})")
     return str(local.resolve())
+
+
+
+def kv_cache_bytes_per_token(model_dir: str | os.PathLike[str], dtype: str) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer's KV heads, from the
+    model's config.json (2 x layers x kv heads x head_dim x the dtype's size). Raises ValueError
+    naming the missing field where the config does not say."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the decoder's
+    try:
+        layers, heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    except KeyError as e:
+        raise ValueError(f"{model_dir}/config.json has no {e.args[0]!r}: rollout.kv_cache_gib: auto cannot size "
+                         "the KV cache for this model; set rollout.kv_cache_gib to a number of GiB") from None
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def kv_cache_gib_for(model_dir: str | os.PathLike[str], dtype: str, max_model_len: int, sequences: int) -> float:
+    """The KV cache (GiB) of a CPU rollout engine that holds `sequences` sequences (at most the
+    engine's max_num_seqs) of `max_model_len` tokens at once, each in whole blocks: what the
+    engine decodes in one step at most. No prefix shared between a group's samples is assumed
+    (the prefix cache shares nearly all of it, which leaves room to spare)."""
+    from actors.rollout_convert import CPU_KV_BLOCK_SIZE, CPU_MAX_NUM_SEQS
+    if sequences < 1 or max_model_len < 1:
+        raise ValueError(f"sequences ({sequences}) and max_model_len ({max_model_len}) must be >= 1")
+    blocks = -(-max_model_len // CPU_KV_BLOCK_SIZE)
+    tokens = min(sequences, CPU_MAX_NUM_SEQS) * blocks * CPU_KV_BLOCK_SIZE
+    return tokens * kv_cache_bytes_per_token(model_dir, dtype) / float(1 << 30)

@@ -43,6 +43,8 @@ def test_valid_config_and_overrides(base):
     ("reward.weights={mine: 1.0}", "unknown reward channel(s) ['mine']"),
     ("learner.heap_mmap_threshold_mib=0", "heap_mmap_threshold_mib=0.0: give MiB in (0, 512], 'auto' or null"),
     ("learner.zero_stage=4", "learner.zero_stage"),
+    ("rollout.kv_cache_gib=0", "rollout.kv_cache_gib"),
+    ("rollout.kv_cache_gib=big", "rollout.kv_cache_gib"),
 ])
 def test_bad_values_name_the_key(base, override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -167,3 +169,28 @@ def test_resume_refuses_a_checkpoint_of_another_zero_stage(base):
     then["learner"]["zero_stage"] = 0
     assert config_differences(then, now) == ["learner.zero_stage: checkpoint 0, now 1"]
     assert config_differences(now, copy.deepcopy(now)) == []
+
+
+def test_auto_kv_cache_holds_one_engine_step(base, tmp_path):
+    """`rollout.kv_cache_gib: auto` = ceil(prompts / engines) x G sequences of max_model_len
+    tokens (whole 32-token blocks) at 2 x layers x kv heads x head_dim x dtype bytes a token, from
+    the model's config.json; a number passes through; a config without the fields is refused."""
+    import json
+    model = tmp_path / "model"
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
+                                                   "num_key_value_heads": 3, "hidden_size": 576}))
+    gib = float(1 << 30)
+    cfg = load_config(base=base, overrides=["rollout.kv_cache_gib=auto", "rollout.prompts_per_step=4",
+                                            "rollout.group_size=4", "rollout.max_model_len=1536",
+                                            "model.dtype=bfloat16"])
+    per_token = 2 * 30 * 3 * 64 * 2                 # SmolLM2-135M in bf16: 22.5 KiB
+    assert cfg.kv_cache_gib(str(model)) == pytest.approx(16 * 1536 * per_token / gib)   # 0.53 GiB
+    fp32 = load_config(base=base, overrides=["rollout.kv_cache_gib=auto", "rollout.prompts_per_step=5",
+                                             "rollout.num_actors=2", "rollout.group_size=4",
+                                             "rollout.max_model_len=1000", "model.dtype=float32"])
+    assert fp32.kv_cache_gib(str(model)) == pytest.approx(3 * 4 * 1024 * 2 * per_token / gib)  # 3 prompts, 1000 -> 1024
+    assert load_config(base=base, overrides=["rollout.kv_cache_gib=0.25"]).kv_cache_gib(str(model)) == 0.25
+    assert load_config(base=base).rollout.kv_cache_gib == 1.0                           # the default is unchanged
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 9}))
+    with pytest.raises(ValueError, match="no 'num_hidden_layers'.*set rollout.kv_cache_gib to a number"):
+        cfg.kv_cache_gib(str(model))

@@ -72,14 +72,20 @@ def test_seeded_prefill_over_the_step_budget_returns_every_sample_reproducibly(t
     from actors.rollout import RolloutWorker
     from rlsys.models import build_tiny_model
 
+    from rlsys.models import kv_cache_gib_for
+
     ray = ray_local
     model_dir = build_tiny_model(tmp_path / "tiny")
+    # The size `rollout.kv_cache_gib: auto` gives this step (8 prompts x n=4 on one engine):
+    # vLLM's own accounting must find room for all 32 sequences at max_model_len.
+    kv_gib = kv_cache_gib_for(model_dir, "float32", 1024, N_PROMPTS * N)
     worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
-        model_dir, max_model_len=1024, kv_cache_gib=0.5, enforce_eager=True, dtype="float32", seed=0)
+        model_dir, max_model_len=1024, kv_cache_gib=kv_gib, enforce_eager=True, dtype="float32", seed=0)
     prompts = [_prompt(i) for i in range(N_PROMPTS)]
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
                 "max_new_tokens": 12, "seed": 1234}
     try:
+        kv_tokens = ray.get(worker.stats.remote(), timeout=60)["kv_cache_tokens"]
         first = _stream(ray, worker, prompts, sampling, N)
         second = _stream(ray, worker, prompts, sampling, N)
     finally:
@@ -88,6 +94,7 @@ def test_seeded_prefill_over_the_step_budget_returns_every_sample_reproducibly(t
         finally:
             ray.kill(worker)
 
+    assert N_PROMPTS * N * 1024 <= kv_tokens < N_PROMPTS * N * 1024 * 1.05, (kv_gib, kv_tokens)
     lens = [len(first[i]["prompt_token_ids"]) for i in range(N_PROMPTS)]
     assert min(lens) > 300 and max(lens) <= 1024 - 12
     # What has to reach the engine's first steps: far more than one step of vLLM's CPU default budget.
