@@ -23,7 +23,7 @@ from torch import nn
 from learners import checkpoint_io
 from learners.engine_setup import (LogprobModule, adamw, ds_config, keep_clip_norm, limit_heap_retention,
                                    load_hf, load_reference, model_dtype, module_numel, release_free_heap,
-                                   reset_materialised_adam_steps)
+                                   reset_materialised_adam_steps, skip_one_rank_allreduce)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
@@ -86,6 +86,7 @@ class DeepSpeedLearner:
                                                config=ds_config(learner_cfg, self.dtype, train=True,
                                                                  model_numel=module_numel(policy)))
         reset_materialised_adam_steps(self.engine.optimizer)
+        skip_one_rank_allreduce(self.engine, world_size)
         self.packed_bytes = 0  # parameters packed into one buffer (pack_parameters)
         if learner_cfg.zero_stage == 0 and self.dtype == torch.bfloat16 and rank == 0:
             log.warning("learner.zero_stage: 0 with bf16 weights: DeepSpeed sums the micro-batches' gradients "

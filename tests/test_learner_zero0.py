@@ -128,27 +128,47 @@ def test_one_rank_trains_broadcasts_saves_and_resumes(one_rank, model_dir, tmp_p
 
 @pytest.mark.e2e
 def test_micro_batch_gradients_sum_in_fp32_except_bf16_at_stage_0(one_rank):
-    """Four backward passes through the engine, as four micro-batches of one step: gradient 1,
-    then three of 2^-10. Summed in fp32 the optimizer gets 1 + 3 * 2^-10; summed in bf16 (8
-    mantissa bits) each 2^-10 is below half a unit in the last place of 1 and is lost."""
+    """Four backward passes through the engine, as four micro-batches of one step: gradient g,
+    then three of g * 2^-10 (g = 2^-12 keeps the norm under the clip). Summed in fp32 the
+    optimizer gets g (1 + 3 * 2^-10); summed in bf16 (8 mantissa bits) each g * 2^-10 is below
+    half a unit in the last place of g and is lost. Checked both in the summed gradient and in
+    what AdamW reads inside `engine.step()`: with one rank DeepSpeed's all-reduce at the step is
+    off (engine_setup.skip_one_rank_allreduce); it cast the fp32 sums to bf16, its communication
+    dtype, and back, which lost the same bits."""
     import ray
 
-    def accumulate(s) -> tuple[str, list[float]]:
+    g = 2.0 ** -12
+
+    def accumulate(s) -> tuple[str, list[float], list[float], bool]:
         from deepspeed.utils import safe_get_full_grad
 
         p = next(q for q in s.engine.module.parameters() if q.requires_grad)
         s.engine.optimizer.zero_grad()
-        for c in (1.0, 2.0 ** -10, 2.0 ** -10, 2.0 ** -10):
+        for c in (g, g * 2.0 ** -10, g * 2.0 ** -10, g * 2.0 ** -10):
             s.engine.backward(p.float().sum() * c, scale_wrt_gas=False)
-        g = safe_get_full_grad(p).float()  # what the optimizer step would read
-        out = (str(p.dtype), sorted({g.min().item(), g.max().item()}))
-        s.engine.optimizer.zero_grad()
-        return out
+        summed = safe_get_full_grad(p).float()
+        adam = getattr(s.engine.optimizer, "optimizer", s.engine.optimizer)
+        seen: list[float] = []
+        real_step = adam.step
 
-    dtype, sums = ray.get(one_rank["learners"][0].__ray_call__.remote(accumulate))
-    assert dtype == f"torch.{one_rank['dtype']}"
+        def spy(*args, **kwargs):  # the largest gradient AdamW steps on: p's (every other is 0)
+            seen.append(max(q.grad.float().abs().max().item() for grp in adam.param_groups for q in grp["params"]
+                            if q.grad is not None))
+            return real_step(*args, **kwargs)
+
+        adam.step = spy
+        try:
+            s.engine.step()
+        finally:
+            del adam.step
+        return (str(p.dtype), sorted({summed.min().item(), summed.max().item()}), seen,
+                s.engine.enable_backward_allreduce)
+
+    dtype, sums, stepped, allreduce = ray.get(one_rank["learners"][0].__ray_call__.remote(accumulate))
+    assert dtype == f"torch.{one_rank['dtype']}" and allreduce is False
     lost = one_rank["dtype"] == "bfloat16" and one_rank["stage"] == 0
-    assert sums == [1.0] if lost else sums == [1.0 + 3 * 2.0 ** -10], sums
+    want = g if lost else g * (1 + 3 * 2.0 ** -10)
+    assert sums == [want] and stepped == [want], (sums, stepped)
 
 
 def test_reset_materialised_adam_steps_only_where_nothing_moved():
