@@ -197,8 +197,9 @@ def build_workload(args: argparse.Namespace, run_dir: Path) -> tuple[Workload, d
     if (args.prompts * args.group_size) % (cfg.learner.micro_batch_size * cfg.algorithm.mini_batches):
         raise SystemExit("prompts x G must divide into mini_batches x micro_batch_size for TRL's batching")
     r = cfg.rollout
+    model_dir = resolve_model(cfg.model.path)
     w = Workload(
-        model=cfg.model.path, model_dir=resolve_model(cfg.model.path), dtype=cfg.weights_dtype(),
+        model=cfg.model.path, model_dir=model_dir, dtype=cfg.weights_dtype(),
         data_path=str(data), prompts_per_step=r.prompts_per_step, group_size=r.group_size,
         max_new_tokens=r.max_new_tokens, max_model_len=r.max_model_len, temperature=r.temperature,
         top_p=r.top_p, kl_coef=cfg.algorithm.kl_coef, kl_estimator=cfg.algorithm.kl_estimator,
@@ -210,7 +211,7 @@ def build_workload(args: argparse.Namespace, run_dir: Path) -> tuple[Workload, d
         reward_weights={c: cfg.reward.weights[c] for c in channels}, aggregation=cfg.reward.aggregation,
         strict_format=cfg.reward.strict_format, length=cfg.reward.length.model_dump(),
         diversity_model=cfg.reward.diversity.model, diversity_eta=cfg.reward.diversity.eta,
-        kv_cache_gib=cfg.kv_cache_gib(resolve_model(cfg.model.path)))
+        kv_cache_gib=cfg.kv_cache_gib(model_dir))
     stream = PromptStream(load_for_run(cfg), shuffle=cfg.data.shuffle, seed=cfg.seed)
     rows = [{"prompt": list(ex.messages), "reference_next_episode": ex.reference_next_episode, "uid": ex.uid}
             for ex in stream.take(w.prompts_per_step * w.total_steps)]
@@ -561,7 +562,7 @@ def trl_worker(spec_path: str, out_path: str) -> int:
     w = Workload(**spec["workload"])
     result: dict[str, Any] = {}
     try:
-        result.update(_trl_train(w, spec["rows"], spec["generation"], spec.get("precision", "mixed"),
+        result.update(_trl_train(w, spec["rows"], spec["generation"], spec["precision"],
                                  spec["output_dir"], t_start))
         rc = 0
     except Exception as e:  # recorded for the report: TRL failing on this stack is a result too

@@ -222,7 +222,6 @@ def resolve_model(path: str, cache_dir: str | os.PathLike[str] | None = None) ->
     return str(local.resolve())
 
 
-
 def kv_cache_bytes_per_token(model_dir: str | os.PathLike[str], dtype: str) -> int:
     """Bytes of KV cache one token takes: keys and values of every layer's KV heads, from the
     model's config.json (2 x layers x kv heads x head_dim x the dtype's size). Raises ValueError
@@ -236,8 +235,8 @@ def kv_cache_bytes_per_token(model_dir: str | os.PathLike[str], dtype: str) -> i
     except KeyError as e:
         raise ValueError(f"{model_dir}/config.json has no {e.args[0]!r}: rollout.kv_cache_gib: auto cannot size "
                          "the KV cache for this model; set rollout.kv_cache_gib to a number of GiB") from None
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return 2 * layers * kv_heads * head_dim * size
+    import torch
+    return 2 * layers * kv_heads * head_dim * getattr(torch, dtype).itemsize
 
 
 def kv_cache_gib_for(model_dir: str | os.PathLike[str], dtype: str, max_model_len: int, sequences: int) -> float:

@@ -20,7 +20,9 @@ from rlsys.models import build_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/e2e_vs_trl.py (not a package), loaded once."""
     spec = importlib.util.spec_from_file_location("e2e_vs_trl", ROOT / "benchmarks" / "e2e_vs_trl.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, mod)  # its dataclasses look their module up there
@@ -33,8 +35,7 @@ def tiny_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def test_trl_weights_dtype():
-    bench = _bench()
+def test_trl_weights_dtype(bench):
     assert bench.trl_weights_dtype("bfloat16", "mixed") == "float32"
     assert bench.trl_weights_dtype("bfloat16", "pure") == "bfloat16"
     assert bench.trl_weights_dtype("float32", "mixed") == bench.trl_weights_dtype("float32", "pure") == "float32"
@@ -43,9 +44,8 @@ def test_trl_weights_dtype():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_weights_moved_after_one_adamw_step(tiny_dir, dtype):
+def test_weights_moved_after_one_adamw_step(bench, tiny_dir, dtype):
     from transformers import AutoModelForCausalLM
-    bench = _bench()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=getattr(torch, dtype))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.0)

@@ -70,9 +70,7 @@ def _stream(ray, worker, prompts, sampling, n) -> dict[int, dict]:
 @pytest.mark.timeout(300)
 def test_seeded_prefill_over_the_step_budget_returns_every_sample_reproducibly(tmp_path: Path, ray_local) -> None:
     from actors.rollout import RolloutWorker
-    from rlsys.models import build_tiny_model
-
-    from rlsys.models import kv_cache_gib_for
+    from rlsys.models import build_tiny_model, kv_cache_gib_for
 
     ray = ray_local
     model_dir = build_tiny_model(tmp_path / "tiny")
