@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from actors.rollout_convert import (check_no_split_prefill, convert_request_output, cpu_scheduler_args,
-                                    engine_in_process_on_cpu, make_sampling_params)
+                                    engine_in_process_on_cpu, engine_memory_args, make_sampling_params)
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
-GIB = 1 << 30
 
 
 def _shm_segments() -> set[str]:
@@ -74,9 +73,8 @@ class RolloutWorker:
                  logprobs_mode: str = "processed_logprobs", warmup: bool = True,
                  max_num_batched_tokens: int | None = None, cpu_engine_in_process: bool = True,
                  cpu_fast_top_p: bool = True) -> None:
-        """`kv_cache_gib` sizes the KV cache explicitly (vLLM's automatic sizing on CPU reads
-        one NUMA node's free memory and fails on a shared machine); on GPU
-        `gpu_memory_utilization` still bounds the engine. `logprobs_mode`:
+        """On CPU `kv_cache_gib` sizes the KV cache explicitly; on GPU `gpu_memory_utilization`
+        alone bounds the engine (`actors.rollout_convert.engine_memory_args` says why). `logprobs_mode`:
         "processed_logprobs" (default) returns each sampled token's log-prob under the
         distribution it was really drawn from: after penalties, temperature, min-p and
         top-k/top-p (renormalised over the kept tokens). The learner takes log softmax(logits/T)
@@ -116,8 +114,7 @@ class RolloutWorker:
         self.llm = LLM(
             model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
             max_model_len=self.max_model_len, enforce_eager=enforce_eager,
-            kv_cache_memory_bytes=int(kv_cache_gib * GIB),
-            gpu_memory_utilization=gpu_memory_utilization,
+            **engine_memory_args(self.on_cpu, kv_cache_gib, gpu_memory_utilization),
             worker_extension_cls=EXTENSION, logprobs_mode=logprobs_mode, **sched,
         )
         # Segments that appeared while our engine started: its ring buffers (or another

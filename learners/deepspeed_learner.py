@@ -21,9 +21,9 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from learners import checkpoint_io
-from learners.engine_setup import (LogprobModule, adamw, ds_config, keep_clip_norm, limit_heap_retention,
-                                   load_hf, load_reference, model_dtype, module_numel, release_free_heap,
-                                   reset_materialised_adam_steps, skip_one_rank_allreduce)
+from learners.engine_setup import (LogprobModule, adamw, ds_config, keep_clip_norm, learner_dist_backend,
+                                   limit_heap_retention, load_hf, load_reference, model_dtype, module_numel,
+                                   release_free_heap, reset_materialised_adam_steps, skip_one_rank_allreduce)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
@@ -58,7 +58,7 @@ class DeepSpeedLearner:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port),
                           LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=learner_dist_backend(get_accelerator().communication_backend_name()))
         self.init_timings = {"dist": time.perf_counter() - t0}
         torch.manual_seed(seed)
         self.dtype = model_dtype(model_dir, dtype)

@@ -50,15 +50,29 @@ class LogprobModule(nn.Module):
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                "stage3_max_live_parameters", "stage3_max_reuse_distance")
 AUTO_BUCKET_MIB = (4.0, 64.0)  # auto: 1/8 of the model's bytes, clamped to this range
+# On GPU the upper bound is DeepSpeed's own scale (its 5e8-element reduce bucket is ~1 GiB in
+# bf16): at 64 MiB ZeRO-3 could gather a 7-8B model's decoder layer (~190M parameters) only as
+# it is needed, with no room to prefetch the next one during compute.
+AUTO_BUCKET_MIB_GPU = (4.0, 1024.0)
 
 
 def bucket_mib(lc: LearnerConfig, model_bytes: int | None) -> float:
     """`learner.zero_bucket_mib`, or auto: 1/8 of the model's bytes clamped to AUTO_BUCKET_MIB
-    (the upper bound when the size is not known yet)."""
+    (AUTO_BUCKET_MIB_GPU for ranks on GPUs; the upper bound when the size is not known yet)."""
     if lc.zero_bucket_mib is not None:
         return float(lc.zero_bucket_mib)
-    lo, hi = AUTO_BUCKET_MIB
+    lo, hi = AUTO_BUCKET_MIB_GPU if lc.num_gpus > 0 else AUTO_BUCKET_MIB
     return hi if model_bytes is None else min(hi, max(lo, model_bytes / 8 / 2**20))
+
+
+def learner_dist_backend(accelerator_backend: str) -> str:
+    """The learner ranks' process-group backend. The learner's own collectives (micro-batch and
+    token counts, step metrics) are on small CPU tensors, and torch maps a bare "nccl" to CUDA
+    tensors only (`Backend.backend_capability`), so on GPUs CPU tensors go over gloo and CUDA
+    tensors over NCCL; elsewhere the accelerator's backend serves both (gloo on CPU)."""
+    if accelerator_backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    return accelerator_backend
 
 
 def bucket_config(lc: LearnerConfig, dtype: torch.dtype, model_numel: int | None = None) -> dict[str, int]:

@@ -469,12 +469,25 @@ class LearnerConfig(Strict):
     num_cpus: float = Field(default=1.0, gt=0.0)
     """Logical Ray CPUs each learner rank reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)
-    """GPUs each learner rank reserves (1 on GPU clusters)."""
+    """GPUs each learner rank reserves (1 on GPU clusters). A rank computes on one device, so at
+    most 1; a share of one (e.g. 0.5 beside a rollout engine on a one-GPU machine) only with one
+    rank, since NCCL refuses two ranks of a group on the same GPU."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter instead of full fine-tuning (recipe C); off by default."""
 
     # zero_stage was auto: RunConfig then picks one rank's stage by the weights' dtype.
     _zero_stage_auto: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="after")
+    def _gpus_per_rank(self) -> "LearnerConfig":
+        if self.num_gpus > 1:
+            raise ValueError(f"learner.num_gpus is {self.num_gpus:g}, but a rank computes on one GPU: set 1 and "
+                             "raise learner.num_ranks to use more GPUs")
+        if 0 < self.num_gpus < 1 and self.num_ranks > 1:
+            raise ValueError(f"learner.num_gpus is {self.num_gpus:g} with {self.num_ranks} ranks: ranks could share "
+                             "a GPU, which NCCL refuses (duplicate GPU in one group); set learner.num_gpus: 1, or "
+                             "use one rank")
+        return self
 
     @model_validator(mode="after")
     def _resolve_auto(self) -> "LearnerConfig":

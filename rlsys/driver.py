@@ -34,10 +34,13 @@ def actor_env(cpu_share: int | None = None) -> dict:
     CPU accelerator and 1/cpu_share of the cores for torch threads: Ray would set
     OMP_NUM_THREADS from the actor's logical CPUs, which are oversubscribed here; the engine
     (idle while learners train) takes every core, each of the N learner ranks 1/N of them
-    (2 threads per rank on 2 cores measured ~40% slower)."""
+    (2 threads per rank on 2 cores measured ~40% slower). Such an actor sees no GPU either:
+    Ray 2.60 no longer hides the GPUs from an actor that reserved none, so on a GPU node it
+    would compute on GPU 0 unreserved, beside the actors that did reserve it."""
     env = {k: os.environ.get(k, v) for k, v in ACTOR_ENV_DEFAULTS.items()}
     if cpu_share:
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cpu_share)))
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cpu_share)),
+                   CUDA_VISIBLE_DEVICES="")
     return env
 
 

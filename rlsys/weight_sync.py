@@ -167,6 +167,10 @@ class ProcessGroupTransport(WeightTransport):
         finally:  # also on an error: never free a buffer a broadcast still reads
             if inflight is not None:
                 inflight[0].wait()
+                if self.device.type == "cuda":
+                    # NCCL's wait only orders the current stream after the broadcast: without
+                    # this the sender's seconds (time/sync_send) would stop before the bytes moved.
+                    torch.cuda.synchronize(self.device)
             self.last_send_buckets = {"as_they_lay": sent - copied, "copied": copied}
 
     def _pack(self, bucket: list[TensorMeta], it: Iterator[torch.Tensor], buffers: list[torch.Tensor | None],

@@ -45,12 +45,14 @@ def test_every_actor_of_every_config_fits_its_cluster(config, tmp_path):
     if cfg.reward.judge:
         judge = load_judge_config(ROOT / cfg.reward.judge).workers.model_dump()
     demands = actor_demands(cfg, judge)
+    # `rlsys train` on one machine starts a local head of cluster.num_cpus logical CPUs: every
+    # actor must fit at once (a GPU recipe on one 8-GPU node too).
+    total = sum(n * need.get("CPU", 0.0) for _, n, need in demands)
+    assert total <= cfg.cluster.num_cpus, f"{config.name}: actors ask {total} CPUs of {cfg.cluster.num_cpus}"
     if any(need.get("GPU") for _, _, need in demands):
         for cluster in GPU_CLUSTERS:
             assert not unplaceable(demands, load_node_types(cluster)), cluster.name
-    else:  # a CPU recipe for a local head: everything fits on its logical CPUs at once
-        total = sum(n * need.get("CPU", 0.0) for _, n, need in demands)
-        assert total <= cfg.cluster.num_cpus, f"{config.name}: actors ask {total} CPUs of {cfg.cluster.num_cpus}"
+    else:  # a CPU recipe
         assert not any(set(need) - {"CPU"} for _, _, need in demands)
 
 

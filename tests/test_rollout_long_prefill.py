@@ -15,8 +15,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from actors.rollout_convert import (CPU_KV_BLOCK_SIZE, CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS,
-                                    check_no_split_prefill, cpu_scheduler_args)
+from actors.rollout_convert import (CPU_KV_BLOCK_SIZE, CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS, GIB,
+                                    check_no_split_prefill, cpu_scheduler_args, engine_memory_args)
 
 
 # ----------------------------------------------------------------------------- pure
@@ -31,6 +31,24 @@ def test_cpu_scheduler_args_never_chunk_and_hold_any_request_whole() -> None:
     assert cpu_scheduler_args(7000, 7000)["max_num_batched_tokens"] == 7000
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4096\) is below max_model_len \(7000\)"):
         cpu_scheduler_args(7000, 4096)
+
+
+def test_engine_memory_args_size_the_kv_cache_on_cpu_and_leave_gpu_memory_to_vllm() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    cpu = engine_memory_args(True, 0.527, 0.5)
+    assert cpu == {"kv_cache_memory_bytes": int(0.527 * GIB)}
+    # On GPU an explicit KV size would make vLLM skip its memory profile and ignore the
+    # utilisation share (a CPU-sized cache on every GPU engine): only the share is passed.
+    gpu = engine_memory_args(False, 0.527, 0.6)
+    assert gpu == {"gpu_memory_utilization": 0.6}
+    args = EngineArgs(model="unused", **gpu)
+    assert args.kv_cache_memory_bytes is None and args.gpu_memory_utilization == 0.6
+    assert EngineArgs(model="unused", **cpu).kv_cache_memory_bytes == int(0.527 * GIB)
+    with pytest.raises(ValueError, match="kv_cache_gib must be > 0"):
+        engine_memory_args(True, 0.0, 0.5)
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        engine_memory_args(False, 1.0, 1.5)
 
 
 def test_check_no_split_prefill_reads_back_the_engine_config() -> None:
