@@ -65,6 +65,7 @@ bench: install
 	    --out benchmarks/results/learner_throughput_packing.json
 	$(PY) benchmarks/learner_memory.py
 	$(PY) benchmarks/hot_kernels.py
+	$(PY) benchmarks/sampler_filter.py
 	$(PY) benchmarks/learner_actor_overhead.py --nice0
 	$(PY) benchmarks/pipeline_overlap.py
 	@# Needs TRL (`make bench-deps`); without it, it says so and exits 0. One learner rank with

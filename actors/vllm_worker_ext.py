@@ -154,9 +154,9 @@ def split_fused_problems(names: list[str], packed: dict[str, list[str]]) -> list
 
 
 def install_cpu_top_p(enabled: bool) -> bool:
-    """Route vLLM's CPU sampler's top-p through `actors.top_p` (no sort of the vocabulary) when
-    `enabled`, back to vLLM's own filter when not. Process-wide: the sampler looks the filter up
-    by name in its module at every step. True when the fast filter is now in place; False where
+    """Route vLLM's CPU sampler's top-p (with or without top-k) through `actors.top_p` (no sort
+    of the vocabulary) when `enabled`, back to vLLM's own filter when not. Process-wide: the
+    sampler looks the filter up by name in its module at every step. True when the fast filter is now in place; False where
     this vLLM has no such hook (then nothing changed, and that is logged)."""
     try:
         from vllm.v1.sample.ops import topk_topp_sampler as sampler
@@ -174,12 +174,12 @@ def install_cpu_top_p(enabled: bool) -> bool:
     if not enabled:
         sampler.apply_top_k_top_p = original
         return False
-    from actors.top_p import top_p_filter_
+    from actors.top_p import top_k_top_p_filter_
 
     def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-        if k is not None or p is None:  # top-k involved, or nothing to do: vLLM's own path
+        if p is None:  # top-k alone (vLLM's own filter needs no sort then) or nothing to do
             return original(logits, k, p)
-        return top_p_filter_(logits, p, original)[0]
+        return top_k_top_p_filter_(logits, k, p, original)[0]
 
     sampler.apply_top_k_top_p = apply_top_k_top_p
     return True

@@ -7,7 +7,7 @@
   (49152 x 576), both dtypes.
 * ``top_p``: the top-p filter of vLLM's CPU sampler on a decode batch of [sequences, vocab]
   logits: `actors.top_p.top_p_filter_` against vLLM's `apply_top_k_top_p_pytorch` (a sort of
-  every row). The logits come from the real model (SmolLM2-135M, the demo's prompts' tokens,
+  every row); ``top_k_top_p``: the same with POLARIS's top-k 20 as well, at T 1.0. The logits come from the real model (SmolLM2-135M, the demo's prompts' tokens,
   temperature 0.7), since how peaked a row is decides what the filter costs.
 
 The variants alternate repeat by repeat (machine drift hits both alike); the figure is the
@@ -110,10 +110,13 @@ def _model_logits(n_seqs: int, temperature: float):
     return logits[pos].float() / temperature
 
 
-def bench_top_p(n_seqs: int, repeats: int, top_p: float = 0.95) -> dict:
+def bench_top_p(n_seqs: int, repeats: int, top_p: float = 0.95, top_k: int | None = None,
+                temperature: float = 0.7) -> dict:
+    """vLLM's filter against ours on `n_seqs` rows of real logits at `temperature`, with top-k
+    too where `top_k` is set (vLLM sorts every row then as well)."""
     import torch
 
-    from actors.top_p import top_p_filter_
+    from actors.top_p import top_k_top_p_filter_
 
     try:
         from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
@@ -123,15 +126,16 @@ def bench_top_p(n_seqs: int, repeats: int, top_p: float = 0.95) -> dict:
     def vllm_filter(x, k, p):
         return apply_top_k_top_p_pytorch(x, k, p, allow_cpu_sync=True)
 
-    logits = _model_logits(n_seqs, 0.7)
+    logits = _model_logits(n_seqs, temperature)
     p = torch.full((n_seqs,), top_p)
-    fallbacks = top_p_filter_(logits.clone(), p, vllm_filter)[1]
-    kept = torch.isfinite(vllm_filter(logits.clone(), None, p)).sum(dim=1)
-    t = _interleaved({"vllm_sort": lambda: vllm_filter(logits.clone(), None, p),
-                      "top_k_first": lambda: top_p_filter_(logits.clone(), p, vllm_filter)}, repeats)
+    k = None if top_k is None else torch.full((n_seqs,), top_k)
+    fallbacks = top_k_top_p_filter_(logits.clone(), k, p, vllm_filter)[1]
+    kept = torch.isfinite(vllm_filter(logits.clone(), k, p)).sum(dim=1)
+    t = _interleaved({"vllm_sort": lambda: vllm_filter(logits.clone(), k, p),
+                      "top_k_first": lambda: top_k_top_p_filter_(logits.clone(), k, p, vllm_filter)}, repeats)
     clone = _interleaved({"clone": lambda: logits.clone()}, repeats)["clone"]  # both pay it
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {"sequences": n_seqs, "vocab": logits.shape[1], "top_p": top_p, "temperature": 0.7,
+    return {"sequences": n_seqs, "vocab": logits.shape[1], "top_p": top_p, "top_k": top_k, "temperature": temperature,
             "kept_tokens_median": float(kept.float().median()), "kept_tokens_max": int(kept.max()),
             "rows_sorted_anyway": fallbacks, "vllm_sort_ms": med["vllm_sort"] * 1e3,
             "top_k_first_ms": med["top_k_first"] * 1e3, "clone_ms": statistics.median(clone) * 1e3,
@@ -143,24 +147,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rows", type=int, default=512, help="head rows (response tokens of a micro-batch)")
     ap.add_argument("--sequences", type=int, default=16, help="decode batch for top-p")
+    ap.add_argument("--polaris-sequences", type=int, default=12, help="decode batch for top-k + top-p")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
     head = bench_logprob_head(a.rows, a.repeats)
     top_p = bench_top_p(a.sequences, a.repeats)
+    # POLARIS's sampling (recipe B: T 1.0, top-k 20, top-p 0.95) on its step's 12 sequences
+    top_kp = bench_top_p(a.polaris_sequences, a.repeats, top_p=0.95, top_k=20, temperature=1.0)
     print(f"\nLM-head log-probs, {a.rows} rows x 49152 vocab (median of {a.repeats})")
     print(f"{'dtype':10} {'pass':24} {'autograd ms':>12} {'fused ms':>9} {'speed-up':>9}")
     for r in head:
         print(f"{r['dtype']:10} {r['pass']:24} {r['autograd_ms']:12.1f} {r['fused_ms']:9.1f} {r['speedup']:8.2f}x")
-    if "skipped" in top_p:
-        print(f"\ntop-p: skipped ({top_p['skipped']})")
-    else:
-        print(f"\ntop-p {top_p['top_p']} over {top_p['sequences']} x {top_p['vocab']} SmolLM2 logits at T 0.7 "
-              f"(kept tokens: median {top_p['kept_tokens_median']:.0f}, max {top_p['kept_tokens_max']}; "
-              f"rows sorted anyway {top_p['rows_sorted_anyway']})")
-        print(f"vLLM sort {top_p['vllm_sort_ms']:.1f} ms, top-k first {top_p['top_k_first_ms']:.1f} ms "
-              f"({top_p['speedup']:.1f}x; both include a {top_p['clone_ms']:.1f} ms copy of the logits)")
+    for r in (top_p, top_kp):
+        if "skipped" in r:
+            print(f"\ntop-p: skipped ({r['skipped']})")
+            continue
+        what = f"top-p {r['top_p']}" if r["top_k"] is None else f"top-k {r['top_k']} + top-p {r['top_p']}"
+        print(f"\n{what} over {r['sequences']} x {r['vocab']} SmolLM2 logits at T {r['temperature']} "
+              f"(kept tokens: median {r['kept_tokens_median']:.0f}, max {r['kept_tokens_max']}; "
+              f"rows sorted anyway {r['rows_sorted_anyway']})")
+        print(f"vLLM sort {r['vllm_sort_ms']:.1f} ms, top-k first {r['top_k_first_ms']:.1f} ms "
+              f"({r['speedup']:.1f}x; both include a {r['clone_ms']:.1f} ms copy of the logits)")
     result = {"benchmark": "hot_kernels", "command": sys.argv, "machine": machine_info(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "logprob_head": head, "top_p": top_p}
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "logprob_head": head, "top_p": top_p,
+              "top_k_top_p": top_kp}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_file(a.out, json.dumps(result, indent=1))
     print(f"wrote {a.out}")

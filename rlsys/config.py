@@ -116,7 +116,8 @@ class RolloutConfig(Strict):
     vLLM's sort of the whole vocabulary at every decode step, which took 27 % of generation
     (SmolLM2-135M, 16 sequences, 2 cores). Same kept tokens, up to fp32 rounding at the
     boundary and ties; a row whose 256 largest hold less than top_p mass is sorted as before.
-    False: vLLM's filter. GPU: ignored."""
+    With top_k (<= 256) as well, top-p is taken over the top-k tokens, as vLLM does, and no row
+    is sorted. False: vLLM's filter. GPU: ignored."""
     num_cpus: float = Field(default=1.0, gt=0.0)
     """Logical Ray CPUs each rollout actor reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)

@@ -1,12 +1,12 @@
-"""actors.top_p: top-p from the largest logits keeps the logits vLLM's sort-based filter keeps
-(the same values; among tied ones maybe others), falls back to it for flat rows, and is
-installed into vLLM's CPU sampler by name."""
+"""actors.top_p: top-p (alone or after top-k) from the largest logits keeps the logits vLLM's
+sort-based filter keeps (the same values; among tied ones maybe others), falls back to it for
+flat rows and for a top-k beyond the candidates, and is installed into vLLM's CPU sampler by name."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actors.top_p import top_p_filter_
+from actors.top_p import CANDIDATES, top_k_top_p_filter_, top_p_filter_
 
 vllm_sampler = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
 VOCAB = 49152
@@ -110,6 +110,47 @@ def test_one_dominant_token_and_p_one_and_masked_tokens() -> None:
     assert not torch.isfinite(got[2, :10]).any() and torch.isfinite(got[2]).sum() >= 1
 
 
+@pytest.mark.parametrize("k", [1, 5, 20, 100, CANDIDATES - 1])
+@pytest.mark.parametrize("p", [0.5, 0.95, 1.0])
+@pytest.mark.parametrize("scale", [0.01, 2.0, 8.0])
+def test_top_k_then_top_p_keeps_what_vllm_keeps_without_a_sort(k: int, p: float, scale: float) -> None:
+    # Flat rows (scale 0.01) too: top-k bounds the nucleus, so no row needs the sort.
+    logits = _logits(12, scale, seed=k * 7 + int(p * 100) + int(scale * 10))
+    ks, ps = torch.full((12,), k), torch.full((12,), p)
+    want = vllm_filter(logits.clone(), ks, ps)
+    got, n_fallback = top_k_top_p_filter_(logits.clone(), ks, ps, vllm_filter)
+    assert n_fallback == 0
+    assert_same_nucleus(got, want, logits)
+    assert int((torch.isfinite(got) != torch.isfinite(want)).sum()) <= 1
+    assert int(torch.isfinite(got).sum(dim=1).max()) <= k
+    if p == 1.0:  # top-k alone: exactly the k largest
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+def test_top_k_rows_mixed_with_rows_without_and_beyond_the_candidates() -> None:
+    """One batch, as vLLM hands it over: rows without top-k carry k = vocab; a k above the
+    candidates, or a tie at the k-th value that runs past them, goes to the sort."""
+    logits = torch.cat([_logits(6, 4.0, seed=11), torch.randn(2, VOCAB) * 0.01])
+    logits = logits.to(torch.bfloat16).float()
+    logits[5, 2000:2300] = 30.0          # 300 tied maxima: top-k 20 keeps all of them (vLLM's rule)
+    ks = torch.tensor([20, VOCAB, 5, 1000, VOCAB, 20, 20, VOCAB])
+    ps = torch.tensor([0.95, 0.95, 0.9, 0.95, 1.0, 0.95, 0.95, 0.95])
+    want = vllm_filter(logits.clone(), ks, ps)
+    seen = []
+
+    def fallback(x, k, pp):
+        seen.append(k.tolist())
+        return vllm_filter(x, k, pp)
+
+    got, n_fallback = top_k_top_p_filter_(logits.clone(), ks, ps, fallback)
+    # k=1000 (row 3), the 300-way tie (row 5) and the flat row without top-k (7) are sorted
+    assert n_fallback == 3 and seen == [[1000, 20, VOCAB]]
+    assert_same_nucleus(got, want, logits)
+    assert torch.equal(got[4], logits[4])                           # no top-k, p = 1: untouched
+    assert 20 < int(torch.isfinite(got[5]).sum()) <= 300               # inside the tie, as vLLM
+    assert int(torch.isfinite(got[6]).sum()) <= 20                  # flat, but bounded by its top-k
+
+
 def test_installed_into_vllm_sampler_by_name() -> None:
     from actors.vllm_worker_ext import install_cpu_top_p
 
@@ -120,9 +161,19 @@ def test_installed_into_vllm_sampler_by_name() -> None:
         ps = torch.full((4,), 0.95)
         got = vllm_sampler.apply_top_k_top_p(logits.clone(), None, ps)
         assert_same_nucleus(got, vllm_filter(logits.clone(), None, ps), logits)
-        # top-k still goes through vLLM's own filter
+        # top-k with top-p: ours as well; top-k alone: vLLM's own (it needs no sort there)
         k = torch.full((4,), 5)
-        assert torch.equal(vllm_sampler.apply_top_k_top_p(logits.clone(), k, ps), vllm_filter(logits.clone(), k, ps))
+        calls = []
+        original = vllm_sampler._rlsys_original_filter
+        vllm_sampler._rlsys_original_filter = lambda *a: calls.append(1) or original(*a)
+        try:
+            assert install_cpu_top_p(True) is True
+            got = vllm_sampler.apply_top_k_top_p(logits.clone(), k, ps)
+            assert_same_nucleus(got, vllm_filter(logits.clone(), k, ps), logits) and not calls
+            vllm_sampler.apply_top_k_top_p(logits.clone(), k, None)
+            assert calls == [1]
+        finally:
+            vllm_sampler._rlsys_original_filter = original
     finally:
         assert install_cpu_top_p(False) is False
     assert vllm_sampler.apply_top_k_top_p is vllm_sampler._rlsys_original_filter
