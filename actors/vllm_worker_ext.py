@@ -17,9 +17,10 @@ it (a tied LM head keeps its old packed copy on CPU) is closed by `refresh_tied_
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -153,36 +154,62 @@ def split_fused_problems(names: list[str], packed: dict[str, list[str]]) -> list
             if got != set(packed[fused])]
 
 
+def _swap_by_name(module_name: str, attr: str, saved: str, enabled: bool, what: str,
+                  make: Callable[[Callable], Callable]) -> bool:
+    """Put `make(vLLM's function)` in place of `module_name.attr` when `enabled`, vLLM's own
+    (kept as `saved`) when not. vLLM looks the function up by name in that module at every
+    call, so this is process-wide. True when ours is in place; False where this vLLM has no
+    such hook (then nothing changed, and that is logged)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        log.warning("%s not installed: %s", what, e)
+        return False
+    original = getattr(module, saved, None) or getattr(module, attr, None)
+    if original is None:
+        log.warning("%s not installed: this vLLM's %s has no %s", what, module_name, attr)
+        return False
+    setattr(module, saved, original)
+    setattr(module, attr, make(original) if enabled else original)
+    return enabled
+
+
 def install_cpu_top_p(enabled: bool) -> bool:
     """Route vLLM's CPU sampler's top-p (with or without top-k) through `actors.top_p` (no sort
-    of the vocabulary) when `enabled`, back to vLLM's own filter when not. Process-wide: the
-    sampler looks the filter up by name in its module at every step. True when the fast filter is now in place; False where
-    this vLLM has no such hook (then nothing changed, and that is logged)."""
-    try:
-        from vllm.v1.sample.ops import topk_topp_sampler as sampler
-    except ImportError as e:
-        log.warning("fast CPU top-p not installed: %s", e)
-        return False
-    original = getattr(sampler, "_rlsys_original_filter", None) or getattr(sampler, "apply_top_k_top_p", None)
-    if original is None:
-        log.warning("fast CPU top-p not installed: this vLLM's sampler has no apply_top_k_top_p")
-        return False
-    if getattr(sampler, "HAS_TRITON", False):
-        log.warning("fast CPU top-p not installed: vLLM filters top-p with its Triton kernel here")
-        return False
-    sampler._rlsys_original_filter = original
-    if not enabled:
-        sampler.apply_top_k_top_p = original
-        return False
+    of the vocabulary) when `enabled`, back to vLLM's own filter when not (`_swap_by_name`)."""
     from actors.top_p import top_k_top_p_filter_
 
-    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-        if p is None:  # top-k alone (vLLM's own filter needs no sort then) or nothing to do
-            return original(logits, k, p)
-        return top_k_top_p_filter_(logits, k, p, original)[0]
+    try:
+        triton = getattr(importlib.import_module("vllm.v1.sample.ops.topk_topp_sampler"), "HAS_TRITON", False)
+    except ImportError:
+        triton = False  # _swap_by_name logs it
+    if triton:
+        log.warning("fast CPU top-p not installed: vLLM filters top-p with its Triton kernel here")
+        return False
 
-    sampler.apply_top_k_top_p = apply_top_k_top_p
-    return True
+    def make(original: Callable) -> Callable:
+        def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+            if p is None:  # top-k alone (vLLM's own filter needs no sort then) or nothing to do
+                return original(logits, k, p)
+            return top_k_top_p_filter_(logits, k, p, original)[0]
+        return apply_top_k_top_p
+
+    return _swap_by_name("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p", "_rlsys_original_filter",
+                         enabled, "fast CPU top-p", make)
+
+
+def install_cpu_penalties(enabled: bool) -> bool:
+    """Route vLLM's CPU sampler's penalties through `actors.penalties` (only the tokens a row has
+    seen; bit-identical) when `enabled`, back to vLLM's function when not (`_swap_by_name`)."""
+    from actors.penalties import apply_penalties_
+
+    def make(original: Callable) -> Callable:
+        def apply_penalties(logits, prompt_tokens, output_tokens, presence, frequency, repetition):
+            return apply_penalties_(logits, prompt_tokens, output_tokens, presence, frequency, repetition, original)
+        return apply_penalties
+
+    return _swap_by_name("vllm.v1.sample.ops.penalties", "apply_penalties", "_rlsys_original_penalties",
+                         enabled, "CPU penalties", make)
 
 
 class WeightSyncExtension:
@@ -193,7 +220,9 @@ class WeightSyncExtension:
         return _request_amx()
 
     def rlsys_cpu_top_p(self, enabled: bool) -> bool:
-        """`install_cpu_top_p` in the worker's process; True when the fast filter is in place."""
+        """`install_cpu_top_p` and `install_cpu_penalties` in the worker's process (the CPU
+        sampler's fast paths, `rollout.cpu_fast_top_p`); True when the fast filter is in place."""
+        install_cpu_penalties(enabled)
         return install_cpu_top_p(enabled)
 
     def rlsys_init_weight_transport(self, host: str, port: int, rank: int, world_size: int,

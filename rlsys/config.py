@@ -117,7 +117,9 @@ class RolloutConfig(Strict):
     (SmolLM2-135M, 16 sequences, 2 cores). Same kept tokens, up to fp32 rounding at the
     boundary and ties; a row whose 256 largest hold less than top_p mass is sorted as before.
     With top_k (<= 256) as well, top-p is taken over the top-k tokens, as vLLM does, and no row
-    is sorted. False: vLLM's filter. GPU: ignored."""
+    is sorted. Also the repetition penalty on the tokens a row has seen only
+    (`actors/penalties.py`, bit-identical to vLLM's pass over the whole vocabulary). False:
+    vLLM's filter and penalties. GPU: ignored."""
     num_cpus: float = Field(default=1.0, gt=0.0)
     """Logical Ray CPUs each rollout actor reserves."""
     num_gpus: float = Field(default=0.0, ge=0.0)

@@ -229,6 +229,26 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
     nucleus = {**sampling, "top_k": -1, "temperature": 0.5}
     _check_group(ray.get(worker.generate.remote([CHAT], nucleus, 4))[0], 4, 2)
 
+    # The repetition penalty through actors.penalties (installed with the filter): the same
+    # samples as vLLM's own penalties, and not those of no penalty.
+    def _install_penalties(_actor, enabled: bool) -> bool:  # nested: Ray ships it by value
+        from actors.vllm_worker_ext import install_cpu_penalties  # in the actor, whose CPU engine is in-process
+
+        return install_cpu_penalties(enabled)
+
+    penalised = {**sampling, "repetition_penalty": 1.3}
+    fast = ray.get(worker.generate.remote([CHAT], penalised, 4))[0]["samples"]
+    assert ray.get(worker.__ray_call__.remote(_install_penalties, False), timeout=60) is False
+    try:
+        vllm_own = ray.get(worker.generate.remote([CHAT], penalised, 4))[0]["samples"]
+    finally:
+        assert ray.get(worker.__ray_call__.remote(_install_penalties, True), timeout=60) is True
+    plain = ray.get(worker.generate.remote([CHAT], sampling, 4))[0]["samples"]
+    assert [x["token_ids"] for x in fast] == [x["token_ids"] for x in vllm_own]
+    assert [x["logprobs"] for x in fast] == [x["logprobs"] for x in vllm_own]
+    assert [x["token_ids"] for x in fast] != [x["token_ids"] for x in plain]
+
     stats = ray.get(worker.stats.remote())
     assert stats["generated_tokens"] > 0 and stats["updates"] == 2
     assert stats["fast_top_p"] == 1.0
+
