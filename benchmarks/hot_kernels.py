@@ -7,8 +7,9 @@
   (49152 x 576), both dtypes.
 * ``top_p``: the top-p filter of vLLM's CPU sampler on a decode batch of [sequences, vocab]
   logits: `actors.top_p.top_p_filter_` against vLLM's `apply_top_k_top_p_pytorch` (a sort of
-  every row); ``top_k_top_p``: the same with POLARIS's top-k 20 as well, at T 1.0. The logits come from the real model (SmolLM2-135M, the demo's prompts' tokens,
-  temperature 0.7), since how peaked a row is decides what the filter costs.
+  every row); ``top_k_top_p``: the same with POLARIS's top-k 20 as well, at T 1.0. The logits
+  come from the real model (SmolLM2-135M, the demo's prompts' tokens, temperature 0.7 or 1.0),
+  since how peaked a row is decides what the filter costs.
 
 The variants alternate repeat by repeat (machine drift hits both alike); the figure is the
 median time and the ratio of medians. Writes benchmarks/results/hot_kernels.json.
@@ -18,7 +19,6 @@ Run: ``.venv/bin/python benchmarks/hot_kernels.py [--repeats 7]`` (about a minut
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,8 +28,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.machine import machine_info  # noqa: E402
-from rlsys.atomic import write_file  # noqa: E402
+from benchmarks.machine import write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "hot_kernels.json"
 
@@ -168,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               f"rows sorted anyway {r['rows_sorted_anyway']})")
         print(f"vLLM sort {r['vllm_sort_ms']:.1f} ms, top-k first {r['top_k_first_ms']:.1f} ms "
               f"({r['speedup']:.1f}x; both include a {r['clone_ms']:.1f} ms copy of the logits)")
-    result = {"benchmark": "hot_kernels", "command": sys.argv, "machine": machine_info(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "logprob_head": head, "top_p": top_p,
-              "top_k_top_p": top_kp}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(a.out, json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, "hot_kernels", {"logprob_head": head, "top_p": top_p, "top_k_top_p": top_kp})
     return 0
 
 

