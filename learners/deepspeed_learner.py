@@ -7,6 +7,7 @@ all ranks must call it, in the same order, with micro-batch counts agreed across
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -21,9 +22,10 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from learners import checkpoint_io
-from learners.engine_setup import (LogprobModule, adamw, ds_config, keep_clip_norm, learner_dist_backend,
-                                   limit_heap_retention, load_hf, load_reference, model_dtype, module_numel,
-                                   release_free_heap, reset_materialised_adam_steps, skip_one_rank_allreduce)
+from learners.engine_setup import (LogprobModule, adamw, balanced_module_stack, ds_config, keep_clip_norm,
+                                   learner_dist_backend, limit_heap_retention, load_hf, load_reference,
+                                   model_dtype, module_numel, release_engines, release_free_heap,
+                                   reset_materialised_adam_steps, skip_one_rank_allreduce)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
@@ -175,8 +177,11 @@ class DeepSpeedLearner:
         sequence-mean) however it is split over ranks and micro-batches (learners.microbatches).
         Returns metrics reduced over ranks, identical on every rank.
         """
-        if self.ac.is_preference:
-            return self._preference_step(batch)
+        with balanced_module_stack():
+            return self._preference_step(batch) if self.ac.is_preference else self._policy_step(batch)
+
+    def _policy_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """`train_step` for a policy-gradient loss."""
         t0 = time.perf_counter()
         parts = self._mini_batches(batch)
         plans = []  # per mini-batch: (micro-batches, head chunks, denominator)
@@ -405,10 +410,13 @@ class DeepSpeedLearner:
 
     def shutdown(self) -> None:
         """Local to this rank (no collective): the driver may call the ranks one after another,
-        and a rank may already be gone."""
+        and a rank may already be gone. The engines are freed before the process group, not at
+        interpreter exit after it."""
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        release_engines([self.engine, self.ref])
         self.engine = self.ref = None
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
@@ -256,6 +258,48 @@ def load_hf(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, *, train: boo
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     del hf_ds
     return model
+
+
+def _zero3_module_stack() -> list:
+    """DeepSpeed's module-level stack of the modules whose ZeRO-3 forward is under way (pushed
+    by each module's pre-forward hook, popped by its post-forward hook)."""
+    from deepspeed.runtime.zero import parameter_offload
+    return getattr(parameter_offload, "FWD_MODULE_STACK", [])
+
+
+@contextmanager
+def balanced_module_stack() -> Iterator[None]:
+    """Leave ZeRO-3's module stack as deep as it was. A forward cut short leaves its modules on
+    it: gradient checkpointing's recompute stops once it has the tensors the backward needs,
+    after the last layer's pre-hooks and before their post-hooks, so every micro-batch's
+    backward left 3 modules a layer there (a decoder layer, its MLP, its last Linear), and the
+    stack grew all run (DeepSpeed scans it whole when a module returns a parameter). A step
+    pushes nothing that must outlive it."""
+    stack = _zero3_module_stack()
+    depth = len(stack)
+    try:
+        yield
+    finally:
+        del stack[depth:]
+
+
+def release_engines(engines: list[Any]) -> None:
+    """Let DeepSpeed engines be freed while the process group is still alive (the caller drops
+    its references and collects).
+
+    `engine.destroy()` removes the hooks that tie modules and optimizer together, but stage 3
+    also pushes each engine's top module on a module-level stack it never pops
+    (`parameter_offload.FWD_MODULE_STACK`), which kept every engine, its partitions and its
+    optimizer state alive until interpreter exit: after `destroy_process_group`, when gloo's
+    pending work objects and their tensors die with the interpreter (the abort described in
+    pytorch/pytorch#179291)."""
+    modules = set()
+    for engine in engines:
+        if isinstance(engine, deepspeed.DeepSpeedEngine):
+            engine.destroy()
+            modules.update(id(m) for m in engine.module.modules())
+    stack = _zero3_module_stack()
+    stack[:] = [m for m in stack if id(m) not in modules]
 
 
 def load_reference(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, device: torch.device,

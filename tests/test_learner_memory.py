@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -116,12 +117,17 @@ def _rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
              "global_sequences": len(SEQS)}
     opt = learner.engine.optimizer
     buffers = [b.buffer.numel() for b in opt.ipg_buckets.values() if b.buffer is not None]
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+    depth = len(FWD_MODULE_STACK)
     metrics = learner.train_step(batch)
-    Path(out).write_text(json.dumps({
-        "buffers": buffers, "reduce_bucket_size": opt.reduce_bucket_size, "prefetch": opt.prefetch_elements,
-        "largest_param": max(int(p.ds_numel) for p in learner.engine.module.parameters()),
-        "grad_norm": metrics["policy/grad_norm"]}))
+    seen = {"module_stack": [depth, len(FWD_MODULE_STACK)], "buffers": buffers, "reduce_bucket_size": opt.reduce_bucket_size, "prefetch": opt.prefetch_elements,
+            "largest_param": max(int(p.ds_numel) for p in learner.engine.module.parameters()),
+            "grad_norm": metrics["policy/grad_norm"]}
+    engine = weakref.ref(learner.engine)
+    del opt   # the test's own reference; what may remain is the learner's
     learner.shutdown()
+    # The results are written only once shutdown returned, with whether it released the engine.
+    Path(out).write_text(json.dumps({**seen, "engine_released": engine() is None}))
 
 
 def _reference_grad_norm(model_dir: str) -> float:
@@ -169,6 +175,9 @@ def test_zero3_reduce_bucket_is_bounded_and_gradients_stay_exact(tmp_path):
         assert g["buffers"] and max(g["buffers"]) <= elements, g
         assert g["reduce_bucket_size"] == g["prefetch"] == elements
         assert g["largest_param"] > elements   # a parameter bigger than the bucket took its own path
+        assert g["engine_released"], "shutdown left the DeepSpeed engine alive past the process group"
+        # Gradient checkpointing's recompute stops early, inside the layers' ZeRO-3 hooks.
+        assert g["module_stack"][0] == g["module_stack"][1] > 0, g["module_stack"]
     want = _reference_grad_norm(model_dir)
     assert got[0]["grad_norm"] == pytest.approx(want, rel=1e-4), (got, want)
 
