@@ -24,8 +24,8 @@ from torch import nn
 from learners import checkpoint_io
 from learners.engine_setup import (LogprobModule, adamw, balanced_module_stack, ds_config, keep_clip_norm,
                                    learner_dist_backend, limit_heap_retention, load_hf, load_reference,
-                                   model_dtype, module_numel, quiet_zero_deprecations, release_engines,
-                                   release_free_heap, reset_materialised_adam_steps, skip_one_rank_allreduce)
+                                   model_dtype, module_numel, release_engines, release_free_heap,
+                                   reset_materialised_adam_steps, skip_one_rank_allreduce)
 from learners.logprobs import packing_unsupported
 from learners.microbatches import MicroBatch, backward_scale, build_micro_batches, filler_micro_batch
 from learners.step_metrics import StepStats
@@ -52,7 +52,6 @@ class DeepSpeedLearner:
         `temperature`: the sampler's (`rollout.temperature`); the policy's, the old and the
         reference log-probs are all taken under softmax(logits / temperature)."""
         t0 = time.perf_counter()
-        quiet_zero_deprecations()
         if learner_cfg.heap_mmap_threshold_mib is not None:  # freed activations go back to the OS
             limit_heap_retention(int(learner_cfg.heap_mmap_threshold_mib * 2**20))
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir

@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -201,18 +200,6 @@ def keep_clip_norm(engine: Any) -> None:
                                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_keep
-
-
-def quiet_zero_deprecations() -> None:
-    """Ignore torch's FutureWarnings for the two collectives DeepSpeed's ZeRO calls at every
-    parameter gather and gradient reduce (`all_gather_into_tensor`, `reduce_scatter_tensor`).
-    They are DeepSpeed's to change, not the user's, and they are not printed once: whatever
-    enters `warnings.catch_warnings()` in a step resets the once-per-place registry, so a ZeRO-3
-    rank printed the pair at every gather (24 lines per rank for one step of a 2-layer model;
-    thousands for an 8B model's step). Other warnings are untouched."""
-    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
-                                category=FutureWarning)
 
 
 HEAP_MMAP_THRESHOLD = 1 << 20  # bytes; see limit_heap_retention

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -30,9 +31,46 @@ ACTOR_ENV_DEFAULTS = {
 }
 
 
-def free_port() -> int:
-    """A TCP port free right now on this host (for process-group rendezvous)."""
+RENDEZVOUS_PORTS_FROM = 20000
+"""free_port's lowest port: above Ray's worker ports (10002-19999 by default)."""
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default when
+    unreadable)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host, for a process-group rendezvous that a rank binds
+    seconds later. Taken outside the kernel's ephemeral range where there is room: a port the
+    kernel hands out itself can be given to any outgoing connection in the meantime (Ray's
+    workers open many while the ranks start), and the rank's bind then fails with EADDRINUSE,
+    as a CI run of a ZeRO-3 test did."""
+    lo, hi = ephemeral_port_range()
+    ranges = [r for r in (range(RENDEZVOUS_PORTS_FROM, lo), range(max(hi + 1, RENDEZVOUS_PORTS_FROM), 65536))
+              if len(r) >= 1000]
+    pick = random.SystemRandom()
+    for _ in range(64 if ranges else 0):
+        r = pick.choice(ranges)
+        port = pick.randrange(r.start, r.stop)
+        if _bindable(port):
+            return port
+    with socket.socket() as s:   # no room outside the range, or all taken: the kernel's pick
         s.bind(("", 0))
         return s.getsockname()[1]
 

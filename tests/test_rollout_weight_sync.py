@@ -3,13 +3,13 @@ local Ray and vLLM engine (the test process plays the learner's rank 0)."""
 from __future__ import annotations
 
 import importlib.util
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from rlsys.cluster import free_port
 from rlsys.models import MARKER, build_tiny_model, resolve_model
 
 CHAT = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
@@ -95,12 +95,6 @@ def test_convert_request_output_and_sampling_params() -> None:
 
 # ----------------------------------------------------------------------------- e2e
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check_group(res: dict, n: int, version: int) -> None:
     assert res["skipped"] is None and res["policy_version"] == version
     assert len(res["samples"]) == n and res["prompt_token_ids"]
@@ -180,7 +174,7 @@ def _generate_then_sync(ray, worker, model_dir: str) -> None:
     gen = torch.Generator().manual_seed(0)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in orig.items()}
     metas = [TensorMeta(k, tuple(v.shape), "float32") for k, v in new.items()]
-    port = _free_port()
+    port = free_port()
     joined = worker.init_weight_transport.remote("127.0.0.1", port, 1, 2, "gloo")
     sender = make_transport("127.0.0.1", port, 0, 2, "gloo", "cpu")  # returns once rank 1 joins
     try:
