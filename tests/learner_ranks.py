@@ -34,8 +34,10 @@ def learner_ranks(model_dir: str, lc, ac, prefix: str = "rlsys-lt-", world: int 
         port, sync_port = free_port(), free_port()
         learners = [cls.remote(r, world, "127.0.0.1", port, model_dir, lc, ac, 0, dtype) for r in range(world)]
         # Weight-sync group: the learners' rank 0 + one receiver here, joining concurrently.
+        # A daemon: if a rank dies before it joins, the receiver's store connect waits out its
+        # own timeout (10 min), and it must not keep the test process alive for it.
         th = threading.Thread(target=lambda: receiver.update(
-            transport=make_transport("127.0.0.1", sync_port, 1, 2, "gloo", "cpu")))
+            transport=make_transport("127.0.0.1", sync_port, 1, 2, "gloo", "cpu")), daemon=True)
         th.start()
         ray.get([lr.init_weight_sync.remote("127.0.0.1", sync_port, 2, "gloo") for lr in learners])
         th.join(60)
