@@ -260,7 +260,7 @@ def load_hf(model_dir: str, dtype: torch.dtype, lc: LearnerConfig, *, train: boo
     return model
 
 
-def _zero3_module_stack() -> list:
+def zero3_module_stack() -> list:
     """DeepSpeed's module-level stack of the modules whose ZeRO-3 forward is under way (pushed
     by each module's pre-forward hook, popped by its post-forward hook)."""
     from deepspeed.runtime.zero import parameter_offload
@@ -275,7 +275,7 @@ def balanced_module_stack() -> Iterator[None]:
     backward left 3 modules a layer there (a decoder layer, its MLP, its last Linear), and the
     stack grew all run (DeepSpeed scans it whole when a module returns a parameter). A step
     pushes nothing that must outlive it."""
-    stack = _zero3_module_stack()
+    stack = zero3_module_stack()
     depth = len(stack)
     try:
         yield
@@ -298,7 +298,7 @@ def release_engines(engines: list[Any]) -> None:
         if isinstance(engine, deepspeed.DeepSpeedEngine):
             engine.destroy()
             modules.update(id(m) for m in engine.module.modules())
-    stack = _zero3_module_stack()
+    stack = zero3_module_stack()
     stack[:] = [m for m in stack if id(m) not in modules]
 
 

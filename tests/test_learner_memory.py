@@ -117,10 +117,11 @@ def _rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
              "global_sequences": len(SEQS)}
     opt = learner.engine.optimizer
     buffers = [b.buffer.numel() for b in opt.ipg_buckets.values() if b.buffer is not None]
-    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
-    depth = len(FWD_MODULE_STACK)
+    from learners.engine_setup import zero3_module_stack
+    depth = len(zero3_module_stack())
     metrics = learner.train_step(batch)
-    seen = {"module_stack": [depth, len(FWD_MODULE_STACK)], "buffers": buffers, "reduce_bucket_size": opt.reduce_bucket_size, "prefetch": opt.prefetch_elements,
+    seen = {"module_stack": [depth, len(zero3_module_stack())], "buffers": buffers,
+            "reduce_bucket_size": opt.reduce_bucket_size, "prefetch": opt.prefetch_elements,
             "largest_param": max(int(p.ds_numel) for p in learner.engine.module.parameters()),
             "grad_norm": metrics["policy/grad_norm"]}
     engine = weakref.ref(learner.engine)
