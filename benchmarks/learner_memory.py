@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--mini-batches", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--zero-stage", type=int, default=3, choices=(0, 3),
+    ap.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 3),
                     help="3: partitioned ranks (a run with several); 0: whole copies (a run with one rank)")
     ap.add_argument("--micro-batch-tokens", type=int, default=2048,
                     help="packed micro-batch budget (learner.micro_batch_tokens); 0: padded micro-batches")

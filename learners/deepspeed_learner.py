@@ -405,6 +405,11 @@ class DeepSpeedLearner:
         if client and "torch_rng_state" in client:
             torch.set_rng_state(client["torch_rng_state"])
 
+    def communication_backend(self) -> str:
+        """The accelerator's collective backend as DeepSpeed names it (e.g. "ccl" on CPU,
+        "nccl" on CUDA): the driver chooses the weight-sync backend from it."""
+        return get_accelerator().communication_backend_name()
+
     def peak_rss_gib(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

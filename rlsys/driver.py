@@ -17,6 +17,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray.exceptions import RayActorError
 
+# The actor classes' modules import nothing heavy: each actor imports its engine in its own process.
+from actors.learner import LearnerWorker
+from actors.reward import RewardWorker
+from actors.rollout import RolloutWorker
 from rlsys.batching import split_for_ranks, split_mini_batches, split_pairs_for_ranks
 from rlsys.cluster import (ACTOR_ENV_DEFAULTS, ActorDirectory, ActorFailure, PlacementError, check_local_head_fits,
                            free_port, get_with_deadline, wait_for_placement)
@@ -85,8 +89,6 @@ class GRPORun:
         return get_with_deadline(refs, what, timeout_s or self.cfg.cluster.actor_timeout_s, self.actors)
 
     def _start_learners(self, model_dir: str) -> list:
-        from learners.deepspeed_learner import DeepSpeedLearner
-
         lc = self.cfg.learner
         # Ranks go into a placement group so that rank 0's node (which hosts the rendezvous)
         # is known before any rank starts; its address and a free port are read on that node.
@@ -96,7 +98,7 @@ class GRPORun:
                            f"learner placement group ({lc.num_ranks} ranks)")
         host, port = self._rank0_address()
         cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, runtime_env={
-            "env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(DeepSpeedLearner)
+            "env_vars": actor_env(lc.num_ranks if lc.num_gpus == 0 else None)})(LearnerWorker)
         return [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.learner_pg, placement_group_bundle_index=r)).remote(
                     r, lc.num_ranks, host, port, model_dir, lc, self.cfg.algorithm, self.cfg.seed,
@@ -104,8 +106,6 @@ class GRPORun:
                 for r in range(lc.num_ranks)]
 
     def _start_rollouts(self, model_dir: str) -> list:
-        from actors.rollout import RolloutWorker
-
         rc = self.cfg.rollout
         kv_gib = self.cfg.kv_cache_gib(model_dir)
         if rc.num_gpus == 0:
@@ -120,8 +120,6 @@ class GRPORun:
         return [self._new_rollout(i) for i in range(rc.num_actors)]
 
     def _start_rewarders(self) -> list:
-        from actors.reward import RewardWorker
-
         rw = self.cfg.reward
         # The judge config is read here, on the driver, so a bad file fails before any actor
         # starts and workers on other nodes need no copy of it.
@@ -147,9 +145,7 @@ class GRPORun:
         """Learner rank 0 + every engine form the broadcast group; all join concurrently."""
         t = self.cfg.cluster.startup_timeout_s
         self.metas = self._get(self.learners[0].weight_metadata.remote(), "weight metadata", t)
-        accelerator = self._get(self.learners[0].__ray_call__.remote(
-            lambda self: __import__("deepspeed").accelerator.get_accelerator().communication_backend_name()),
-            "learner backend", t)
+        accelerator = self._get(self.learners[0].communication_backend.remote(), "learner backend", t)
         try:
             backend, why = choose_backend(self.cfg.cluster.weight_sync_backend, accelerator,
                                           self.actors.place(self.learners[0]),
