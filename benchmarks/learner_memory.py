@@ -33,8 +33,9 @@ accounting (mallinfo2): bytes in use and bytes freed but still held (resident on
 Run: `.venv/bin/python benchmarks/learner_memory.py` (about 10 minutes on a 2-core CPU with
 SmolLM2-135M in fp32); `--ranks`, `--zero-stage` and `--micro-batch-tokens` (0: padded)
 change the learner's layout, the cores split over the ranks as in a run (`--ranks 1
---zero-stage 0`: the one whole-model rank of a run with one learner rank, no partitions,
-reduce bucket or gathers in its breakdown); `--vllm` also
+--zero-stage 0`: the one whole-model rank of a run with one fp32 learner rank, no partitions,
+reduce bucket or gathers in its breakdown; `--ranks 1 --zero-stage 1 --dtype bfloat16`: the one
+bf16 rank, whose BF16_Optimizer keeps an fp32 master copy and fp32 gradients); `--vllm` also
 measures one vLLM engine's processes. Writes
 benchmarks/results/learner_memory.json.
 """
@@ -234,13 +235,17 @@ def _allocated(learner) -> dict[str, int]:
                 total += st.nbytes()
         return total
 
-    opt = learner.engine.optimizer  # ZeRO-3's wrapper, or (ZeRO-0, fp32) the AdamW itself
+    # ZeRO-3's wrapper, DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights: an fp32 master
+    # partition and flat fp32 gradients), or (ZeRO-0, fp32) the AdamW itself.
+    opt = learner.engine.optimizer
     pol = _params(learner.engine.module)
     out = {
         "params_partition": nbytes([_local(p) for p in pol] + [p.data for p in pol if getattr(p, "ds_persist", False)]),
-        "fp32_master_extra": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])),
+        "fp32_master_extra": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])
+                                    + getattr(opt, "fp32_groups_flat_partition", [])),
         "grads_partition": nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]
                                   + [t.grad for t in getattr(opt, "fp32_partitioned_groups_flat", [])]
+                                  + getattr(opt, "fp32_groups_gradients_flat", [])
                                   + ([] if learner.zero3 else [p.grad for p in pol])),
         "optimizer_state": nbytes([v for st in getattr(opt, "optimizer", opt).state.values() for v in st.values()]),
         "reduce_bucket": nbytes([b.buffer for b in getattr(opt, "ipg_buckets", {}).values()]),
@@ -313,6 +318,10 @@ def _expected(numel: dict, zero: dict, hf: Any, lc, ac, args) -> dict[str, float
     b = numel["element_size"]
     part, model, largest = numel["partition"], numel["model"], numel["largest_param"]
     zero3 = zero.get("stage") == 3
+    # ZeRO-1 with 16-bit weights (DeepSpeed's BF16_Optimizer): an fp32 master partition, fp32
+    # gradients and fp32 AdamW moments besides the 16-bit weights.
+    mixed = zero.get("stage") == 1 and b < 4
+    f = 4 if mixed else b
     # ZeRO-0 has no reduce bucket, nothing to gather, and its gradients are whole already.
     reduce_e = int(zero.get("reduce_bucket_size", 5e8)) if zero3 else 0
     reuse = int(zero.get("stage3_max_reuse_distance", 1e9))
@@ -330,13 +339,16 @@ def _expected(numel: dict, zero: dict, hf: Any, lc, ac, args) -> dict[str, float
     chunk = min(lc.logprob_chunk_tokens, seqs * args.response_tokens) * hf.vocab_size * 4
     return {
         "params_partition": part * b,
-        "grads_partition": part * b,
-        "optimizer_state": 2 * part * b,   # AdamW exp_avg, exp_avg_sq (fp32 weights: no separate master copy)
+        "fp32_master": part * 4 if mixed else 0,
+        "grads_partition": part * f,
+        "optimizer_state": 2 * part * f,   # AdamW exp_avg, exp_avg_sq (fp32 weights: no separate master copy)
         "reference_partition": part * b if ac.kl_coef > 0 else 0,
         "reduce_bucket_allocated": reduce_e * b,
         "reduce_bucket_resident": min(reduce_e, model) * b,   # filled with full gradients before a reduce
         "gathered_params": gathered * b,
         "largest_param_full_grad": largest * b,   # (the tied embedding) before its reduce-scatter
+        # BF16_Optimizer: the backward's 16-bit gradients, until they are added into the fp32 ones.
+        "low_precision_grads": part * b if mixed else 0,
         "activations": layer_inputs + one_layer + 3 * chunk,  # logits, log-softmax, their gradient
     }
 
@@ -391,14 +403,18 @@ def _summarise(variant: str, run: dict, hf: Any, lc, ac, args) -> dict:
             "heap freed but held before a step (glibc)": last_start.get("malloc_free_held", 0),
         }
         # Held all the time: the process, this rank's partitions, and the copy DeepSpeed keeps
-        # beyond numel x bytes (its fp32 "master" partition is a clone even for fp32 weights).
-        extra = alloc["fp32_master_extra"]
-        state = (base + exp["params_partition"] + exp["grads_partition"] + exp["optimizer_state"]
-                 + exp["reference_partition"] + extra)
+        # beyond numel x bytes (under ZeRO-3 its fp32 "master" partition is a clone even for
+        # fp32 weights; with 16-bit weights at ZeRO-1 the master is expected).
+        extra = max(0, alloc["fp32_master_extra"] - exp["fp32_master"])
+        state = (base + exp["params_partition"] + exp["fp32_master"] + exp["grads_partition"]
+                 + exp["optimizer_state"] + exp["reference_partition"] + extra)
         # At the update's peak (the backward): gradients filling the reduce bucket, gathered
         # parameters, activations; or the optimizer step's flat gradient copy, if larger.
-        working = max(exp["reduce_bucket_resident"] + exp["gathered_params"] + exp["activations"]
-                      + exp["largest_param_full_grad"], exp["grads_partition"])
+        if exp["fp32_master"]:  # ZeRO-1, 16-bit weights: the fp32 gradients are held all the time
+            working = exp["activations"] + exp["low_precision_grads"]
+        else:
+            working = max(exp["reduce_bucket_resident"] + exp["gathered_params"] + exp["activations"]
+                          + exp["largest_param_full_grad"], exp["grads_partition"])
         heap_held = meas["heap freed but held before a step (glibc)"]
         rows.append({"rank": rank, "expected": exp, "allocated": alloc, "measured": meas, "marks": marks,
                      "explained_bytes": state + working, "deepspeed_extra_copies": extra,
@@ -544,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
           f"micro-batch {a.micro_batch_tokens or 0} tokens / {a.micro_batch} rows, {a.mini_batches} mini-batches, KL on, grad checkpointing (GiB, rank 0)")
     keys = [("process baseline (imports, Ray worker, gloo)", None, "process_baseline", None),
             ("params partition", "params_partition", "params_partition", "params_partition"),
+            ("fp32 master partition", "fp32_master", None, "fp32_master_extra"),
             ("grads partition(s)", "grads_partition", None, "grads_partition"),
             ("optimizer state (AdamW m, v)", "optimizer_state", None, "optimizer_state"),
             ("  policy engine RSS rise (grads+optimizer)", None, "policy_engine (grads + optimizer + buffers)", None),
@@ -552,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
              "reduce_bucket"),
             ("gathered params during a pass", "gathered_params", None, None),
             ("largest parameter's full gradient", "largest_param_full_grad", None, None),
+            ("16-bit gradients before the fp32 ones (ZeRO-1)", "low_precision_grads", None, None),
             ("activations (estimate) / update peak rise", "activations", "update peak above step start", None),
             ("old-logprob pass peak rise", None, "old-logprob pass peak above step start", None),
             ("reference pass peak rise", None, "reference pass peak above step start", None),
@@ -571,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     for v, res in results.items():
         for r in res["ranks"]:
             print(f"{v} rank {r['rank']}: peak {g(r['measured']['peak']):.2f} GiB, explained {g(r['explained_bytes']):.2f}"
-                  f" (DeepSpeed's fp32 master clone {g(r['deepspeed_extra_copies']):.2f}), unexplained "
+                  f" (DeepSpeed's fp32 master clone beyond the expected {g(r['deepspeed_extra_copies']):.2f}), unexplained "
                   f"{g(r['unexplained_bytes']):+.2f}, of which glibc heap freed but held before a step "
                   f"{g(r['heap_held_bytes']):.2f}")
         print(f"{v}: step {statistics.median(res['step_times_s']):.1f}s (median of {res['step_times_s']}), "
