@@ -8,7 +8,8 @@ step and `--steps` timed steps of the same synthetic GRPO batch (benchmarks/lear
 mini-batches, KL on, so every pass runs):
 
 * ``bare``: the learner constructed in the child itself.
-* ``actor``: the child starts a private Ray head and the learner as a Ray actor with the
+* ``actor``: the child starts a private Ray head and the learner as the Ray actor a run starts
+  (`actors.learner.LearnerWorker`) with the
   driver's env (`rlsys.driver.actor_env`), at Ray's default worker niceness (15).
 * ``actor_nice0`` (with ``--nice0``): the same with `RAY_worker_niceness=0`.
 
@@ -68,11 +69,11 @@ def _child(path: str, a: argparse.Namespace) -> list[list[float]]:
             os.environ["RAY_worker_niceness"] = "0"  # read by the raylet this process starts
         import ray
 
-        from learners.deepspeed_learner import DeepSpeedLearner
+        from actors.learner import LearnerWorker
         from rlsys.driver import actor_env
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="rlsys-lao-", dir="/tmp"))
-        actor = ray.remote(num_cpus=1)(DeepSpeedLearner).options(
+        actor = ray.remote(num_cpus=1)(LearnerWorker).options(  # the actor `rlsys train` starts
             runtime_env={"env_vars": actor_env(1)}).remote(*args)
         ref = ray.put(batch)
         step = lambda: ray.get(actor.train_step.remote(ref), timeout=a.timeout_s)  # noqa: E731
