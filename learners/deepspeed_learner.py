@@ -406,7 +406,7 @@ class DeepSpeedLearner:
             torch.set_rng_state(client["torch_rng_state"])
 
     def communication_backend(self) -> str:
-        """The accelerator's collective backend as DeepSpeed names it (e.g. "ccl" on CPU,
+        """The accelerator's collective backend as DeepSpeed names it ("gloo" or "ccl" on CPU,
         "nccl" on CUDA): the driver chooses the weight-sync backend from it."""
         return get_accelerator().communication_backend_name()
 

@@ -194,7 +194,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             # One file read as such: read_table goes through pyarrow.dataset, which imports
             # pandas (~50 MiB resident in the driver for nothing).
-            records = pq.ParquetFile(path).read().to_pylist()
+            with pq.ParquetFile(path) as file:
+                records = file.read().to_pylist()
         except Exception as exc:  # pyarrow raises several types for a corrupt file
             raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
         for i, record in enumerate(records):
