@@ -321,7 +321,7 @@ def _expected(numel: dict, zero: dict, hf: Any, lc, ac, args) -> dict[str, float
     # ZeRO-1 with 16-bit weights (DeepSpeed's BF16_Optimizer): an fp32 master partition, fp32
     # gradients and fp32 AdamW moments besides the 16-bit weights.
     mixed = zero.get("stage") == 1 and b < 4
-    f = 4 if mixed else b
+    state_b = 4 if mixed else b   # bytes per element of gradients and AdamW moments
     # ZeRO-0 has no reduce bucket, nothing to gather, and its gradients are whole already.
     reduce_e = int(zero.get("reduce_bucket_size", 5e8)) if zero3 else 0
     reuse = int(zero.get("stage3_max_reuse_distance", 1e9))
@@ -340,8 +340,8 @@ def _expected(numel: dict, zero: dict, hf: Any, lc, ac, args) -> dict[str, float
     return {
         "params_partition": part * b,
         "fp32_master": part * 4 if mixed else 0,
-        "grads_partition": part * f,
-        "optimizer_state": 2 * part * f,   # AdamW exp_avg, exp_avg_sq (fp32 weights: no separate master copy)
+        "grads_partition": part * state_b,
+        "optimizer_state": 2 * part * state_b,   # AdamW exp_avg, exp_avg_sq
         "reference_partition": part * b if ac.kl_coef > 0 else 0,
         "reduce_bucket_allocated": reduce_e * b,
         "reduce_bucket_resident": min(reduce_e, model) * b,   # filled with full gradients before a reduce

@@ -19,8 +19,8 @@ import pytest
 from actors.learner import LEARNER_METHODS, LearnerWorker
 
 ROOT = Path(__file__).resolve().parents[1]
-# Imported by DeepSpeed (and by transformers' model code it pulls in); none is needed to drive a run.
-TRAINING_STACK = ("deepspeed", "transformers", "sklearn", "scipy", "pandas")
+# The actors' engines and what DeepSpeed and transformers pull in; none is needed to drive a run.
+TRAINING_STACK = ("deepspeed", "vllm", "sentence_transformers", "transformers", "sklearn", "scipy", "pandas")
 
 
 def test_learner_methods_are_the_learners_public_interface():
@@ -49,8 +49,8 @@ def test_shell_forwards_arguments_results_and_errors():
 
 def test_driver_process_imports_no_training_stack(tmp_path):
     """What `rlsys train` imports in the driver (the run's modules, which import each actor's
-    class), plus reading a parquet prompt file: none of the
-    training stack (red before actors/learner.py: the driver imported the learner's module)."""
+    class), plus reading a parquet prompt file: none of the actors' engines or what they pull in
+    (red before actors/learner.py: the driver imported the learner's module)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
